@@ -1,0 +1,48 @@
+"""jupyter-llm: LLM inference inside Jupyter.
+
+`%load_ext jupyter_llm` registers the magics; the same things are possible from Python:
+
+    import jupyter_llm as jl
+    jl.get_manager().load("hf")
+    print(jl.get_manager().generate("The capital of France is", jl.SamplingParams(max_tokens=8))[0].text)
+
+This module imports no torch: heavy imports happen when a backend loads.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .params import Completion, GenerationRequest, ParamError, SamplingParams, TokenEvent, TokenLogprob
+
+__version__ = "0.1.0"
+__all__ = ["Completion", "GenerationRequest", "ParamError", "SamplingParams", "TokenEvent", "TokenLogprob",
+           "get_manager", "available_backends", "load_ipython_extension", "unload_ipython_extension"]
+
+
+def get_manager() -> Any:
+    """The kernel's one EngineManager (created on first use)."""
+    from .manager import get_manager as _get
+
+    return _get()
+
+
+def available_backends() -> list:
+    """Every registered backend kind, whether it can load here and, if not, why."""
+    from .backends import available_backends as _available
+
+    return _available()
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    from .magics import LLMMagics
+
+    magics = LLMMagics(shell=ipython)
+    ipython.register_magics(magics)
+    if magics not in ipython.configurables:
+        ipython.configurables.append(magics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .magics import LLMMagics
+
+    ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, LLMMagics)]

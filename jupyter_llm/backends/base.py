@@ -1,0 +1,182 @@
+"""The backend protocol: what every engine behind the manager provides.
+
+A backend is an async stream: `generate(request)` yields `TokenEvent`s and closing the
+iterator cancels the request. Heavy work happens in `load()` (called in the caller's
+thread so that progress bars show in the cell) and in the backend's own threads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, ClassVar
+
+from ..params import GenerationRequest, Message, ParamError, TokenEvent
+
+
+class BackendError(RuntimeError):
+    """A backend cannot do what was asked (missing package, no GPU, bad option...)."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend's package or hardware is missing; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend honours. A parameter outside these is refused, never silently dropped."""
+
+    streaming: bool = True
+    logprobs: bool = True
+    batching: str = "continuous"  # "continuous" | "static" (next batch) | "none" (one at a time)
+    prefix_cache: bool = False
+    speculative: bool = False
+    seeds: bool = True
+    penalties: bool = True
+    top_k: bool = True
+    min_p: bool = True
+    chat: bool = True
+    devices: tuple[str, ...] = ("cpu",)
+
+    def refusal(self, request: GenerationRequest, backend: str) -> str | None:
+        """Why this request asks for something the backend cannot do, or None."""
+        p = request.params
+        checks = [
+            (p.logprobs is not None and not self.logprobs, "logprobs"),
+            (p.seed is not None and not self.seeds, "seed"),
+            (p.uses_penalties and not self.penalties, "repetition/presence/frequency penalties"),
+            (p.top_k > 0 and not self.top_k, "top_k"),
+            (p.min_p > 0 and not self.min_p, "min_p"),
+            (request.is_chat and not self.chat, "chat messages"),
+        ]
+        missing = [name for failed, name in checks if failed]
+        return f"backend {backend!r} does not support {', '.join(missing)}" if missing else None
+
+
+@dataclass
+class BackendOptions:
+    """Options common to every backend; each backend extends this dataclass with its own."""
+
+    threads: int | None = None  # compute threads for this backend (default: all cores)
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], backend: str) -> "BackendOptions":
+        """Check names and coerce values given as strings (from a magic line or the CLI)."""
+        hints = typing.get_type_hints(cls)
+        accepted = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(k for k in options if k not in hints)
+        if unknown:
+            names = ", ".join("--" + n.replace("_", "-") for n in accepted)
+            shown = ", ".join("--" + k.replace("_", "-") for k in unknown)
+            raise ParamError(f"unknown option(s) {shown} for backend {backend!r}; accepted: {names}")
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in options.items()})
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Turn a string (or a bare flag's True) into the option's declared type."""
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if value is None or not isinstance(value, str) or str in kinds:
+        return value
+    flag = "--" + name.replace("_", "-")
+    for kind in kinds:
+        if kind is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        elif kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    expected = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+    raise ParamError(f"{flag} expects {expected}, got {value!r}")
+
+
+def options_from_args(args: list[str]) -> dict[str, Any]:
+    """Backend options from command-line words: --key value, --key=value, --flag, --no-flag."""
+    options: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if not word.startswith("--") or len(word) < 3:
+            raise ParamError(f"unexpected argument {word!r}; backend options look like --name value")
+        key, eq, value = word[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            options[key] = value
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            options[key] = args[i + 1]
+            i += 1
+        elif key.startswith("no_"):
+            options[key[3:]] = False
+        else:
+            options[key] = True
+        i += 1
+    return options
+
+
+class Backend(ABC):
+    """One loaded model behind one engine."""
+
+    kind: ClassVar[str]  # registry name: "hf", "native", ...
+    description: ClassVar[str] = ""
+    install_hint: ClassVar[str] = ""  # the exact pip command when the package is missing
+    options_class: ClassVar[type[BackendOptions]] = BackendOptions
+    capabilities: Capabilities = Capabilities()
+
+    def __init__(self, model: str | None = None, **options: Any):
+        self.options = self.options_class.parse(options, self.kind)
+        self.model_arg = model
+        self.model_name = model or ""
+        self.device = "cpu"
+        self.dtype = ""
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(can load on this machine, why not)."""
+        return True, ""
+
+    # --- life cycle -------------------------------------------------------------------
+    def load(self, progress: bool = True) -> None:
+        """Load weights (blocking, in the caller's thread). Default: nothing to load."""
+
+    async def start(self) -> None:
+        """Start background work (threads, connections) once loaded."""
+
+    async def stop(self) -> None:
+        """Cancel what runs and free resources."""
+
+    # --- generation ---------------------------------------------------------------------
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream events for every sample of `request`; closing the iterator cancels it."""
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Refuse what this backend cannot honour, with a clear message."""
+        reason = self.capabilities.refusal(request, self.kind)
+        if reason:
+            raise ParamError(reason)
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Live numbers for status tables: running, waiting, and backend-specific ones."""
+
+    # --- tokenizer services ---------------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[Message]) -> str: ...
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.kind, "model": self.model_name, "device": self.device, "dtype": self.dtype}

@@ -1,0 +1,202 @@
+"""The transformers backend: an HF model's forward pass driven step by step through the
+shared sampler (transformers' `generate` cannot do per-request seeds or presence and
+frequency penalties in a batch).
+
+Batching is static: the waiting requests start together as one left-padded batch;
+requests that arrive while a batch runs wait for the next batch. Finished rows are
+dropped from the KV cache at the next step so they cost nothing.
+"""
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from ..params import ParamError
+from ..sampling import Sampler
+from ..tokens import Tokenizer
+from .base import BackendError, BackendOptions, Capabilities
+from .inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' picks CUDA when there is a GPU; 'cuda' without one is a clear error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError("--device cuda was asked for, but no CUDA GPU is visible to torch; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ParamError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ParamError(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+@dataclass
+class HFOptions(BackendOptions):
+    device: str = "auto"
+    dtype: str = "float32"
+    max_num_seqs: int = 32  # rows in one batch
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+
+
+def load_tokenizer(folder: str) -> Tokenizer:
+    """A Tokenizer for an HF folder, with the generation config's EOS ids too."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder)
+    extra: tuple[int, ...] = ()
+    try:
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+        extra = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    except OSError:
+        pass
+    return Tokenizer(hf_tokenizer, extra)
+
+
+class HFStepEngine(StepEngine):
+    """Static batches over an HF model with a DynamicCache."""
+
+    def __init__(self, model: Any, max_num_seqs: int):
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.sampler = Sampler()
+        self.waiting: deque[Sequence] = deque()
+        self.rows: list[Sequence] = []  # the running batch, one sequence per cache row
+        self.removed: set[int] = set()
+        self.cache: Any = None
+        self.attention_mask: Any = None
+        self.positions: Any = None
+        # transformers 5.x renamed `past_key_values` to `cache`; older versions know only the first.
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif any(row is seq for row in self.rows):
+            self.removed.add(seq.seq_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s.seq_id not in self.removed for s in self.rows)
+
+    def counts(self) -> tuple[int, int]:
+        return len(self.rows) - len(self.removed), len(self.waiting)
+
+    def stats(self) -> dict[str, Any]:
+        return {"batch_size": len(self.rows)}
+
+    def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
+        import torch
+
+        with torch.inference_mode():
+            self._drop_removed_rows()
+            logits = self._prefill() if not self.rows else self._decode()
+        sampled = self.sampler(logits, [s.sampling for s in self.rows])
+        return list(zip(self.rows, sampled.token_ids, sampled.logprobs))
+
+    def _drop_removed_rows(self) -> None:
+        import torch
+
+        if not self.removed:
+            return
+        keep = [i for i, s in enumerate(self.rows) if s.seq_id not in self.removed]
+        self.removed.clear()
+        if not keep:
+            self.rows, self.cache = [], None
+            return
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, device=self.attention_mask.device)
+            self.cache.batch_select_indices(index)
+            self.attention_mask = self.attention_mask[index]
+            self.positions = self.positions[index]
+            self.rows = [self.rows[i] for i in keep]
+
+    def _prefill(self):
+        import torch
+        from transformers import DynamicCache
+
+        self.rows = [self.waiting.popleft() for _ in range(min(self.max_num_seqs, len(self.waiting)))]
+        device = self.model.device
+        width = max(len(s.token_ids) for s in self.rows)
+        ids = torch.zeros(len(self.rows), width, dtype=torch.long)
+        mask = torch.zeros(len(self.rows), width, dtype=torch.long)
+        for row, seq in enumerate(self.rows):  # left padding, as model.generate does
+            tokens = seq.token_ids
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, width - len(tokens):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_argument: self.cache})
+        self.attention_mask, self.positions = mask, positions[:, -1:]
+        return out.logits[:, -1, :]
+
+    def _decode(self):
+        import torch
+
+        device = self.attention_mask.device
+        last = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=device)
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], 1)
+        self.positions = self.positions + 1
+        out = self.model(input_ids=last, attention_mask=self.attention_mask, position_ids=self.positions,
+                         use_cache=True, **{self.cache_argument: self.cache})
+        return out.logits[:, -1, :]
+
+
+class HFBackend(InProcessBackend):
+    kind = "hf"
+    description = "Hugging Face transformers (CPU or CUDA)"
+    install_hint = "pip install transformers accelerate gguf"
+    options_class = HFOptions
+    capabilities = Capabilities(batching="static", devices=("cpu", "cuda"))
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        import importlib.util
+
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        return (not missing, f"missing {', '.join(missing)}: {cls.install_hint}" if missing else "")
+
+    def load(self, progress: bool = True) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from ..models import ensure_hf_folder, resolve_model
+        from ..progress import steps
+
+        options: HFOptions = self.options  # type: ignore[assignment]
+        dtype = torch_dtype(options.dtype)
+        self.device = resolve_device(options.device)
+        spec = resolve_model(self.model_arg)
+        self.model_name = spec.name
+        self.dtype = options.dtype
+        folder = ensure_hf_folder(spec, progress)
+        with steps(progress, f"Loading {spec.name} (transformers)", 2) as bar:
+            self.tokenizer = load_tokenizer(folder)
+            bar.update(1)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device).eval()
+            bar.update(1)
+        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        self._max_model_len = min(options.max_model_len or limit, limit)
+        self.hf_model = model
+        self.engine = HFStepEngine(model, options.max_num_seqs)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len

@@ -1,0 +1,255 @@
+"""The machinery shared by in-process engines (hf, native): a compute thread that steps a
+`StepEngine`, the per-sample output processing, and the bridge to asyncio.
+
+The compute thread owns the engine: requests and cancellations reach it through a
+locked inbox, and events go back to each request's asyncio queue with
+`call_soon_threadsafe`, so the manager's loop never waits on a forward pass.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from typing import Any, AsyncIterator, Callable
+
+from ..params import GenerationRequest, Message, ParamError, TokenEvent
+from ..sampling import SamplingState
+from ..tokens import SampleOutputProcessor, Tokenizer
+from .base import Backend
+
+log = logging.getLogger(__name__)
+_seq_ids = itertools.count()
+
+LogprobEntry = tuple[float, list[int], list[float]]
+
+
+class Sequence:
+    """One sample of one request inside an in-process engine."""
+
+    def __init__(self, request: GenerationRequest, index: int, prompt_ids: list[int],
+                 processor: SampleOutputProcessor, sink: Callable[[TokenEvent], None]):
+        self.seq_id = next(_seq_ids)
+        self.request_id = request.id
+        self.index = index
+        self.params = request.params
+        self.prompt_ids = prompt_ids
+        self.sampling = SamplingState(request.params, prompt_ids, index)
+        self.processor = processor
+        self.sink = sink
+        self.arrival = time.monotonic()
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.sampling.output_token_ids
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.sampling.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.processor.finished
+
+
+class StepEngine(ABC):
+    """The compute side of an in-process backend. Every method runs in the compute thread."""
+
+    @abstractmethod
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence."""
+
+    @abstractmethod
+    def remove(self, seq: Sequence) -> None:
+        """Forget a sequence (finished, cancelled or failed) and free what it holds."""
+
+    @abstractmethod
+    def has_work(self) -> bool: ...
+
+    @abstractmethod
+    def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
+        """Run one forward over the scheduled sequences; one sampled token per sequence that
+        produced one (a sequence still in a chunked prefill produces none)."""
+
+    @abstractmethod
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class InProcessBackend(Backend):
+    """A backend whose engine steps in a compute thread of this process."""
+
+    tokenizer: Tokenizer
+    engine: StepEngine
+
+    def __init__(self, model: str | None = None, **options: Any):
+        super().__init__(model, **options)
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._tokens_generated = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self._recent_lock = threading.Lock()
+        self.step_threads = 0  # torch threads used by the latest step
+
+    @property
+    def threads(self) -> int:
+        return self.options.threads or os.cpu_count() or 1
+
+    # --- life cycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"jupyter-llm-{self.kind}", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+
+    # --- tokenizer services -----------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def apply_chat_template(self, messages: list[Message]) -> str:
+        return self.tokenizer.apply_chat_template(messages)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.tokenizer.eos_token_ids
+
+    # --- generation -------------------------------------------------------------------
+    def prepare(self, request: GenerationRequest) -> list[int]:
+        """Validate a request and return its prompt ids (raises ParamError)."""
+        self.check_request(request)
+        prompt_ids = self.tokenizer.prompt_ids(request)
+        if not prompt_ids:
+            raise ParamError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ParamError(f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
+                             f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})")
+        return prompt_ids
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        prompt_ids = self.prepare(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def sink(event: TokenEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the consumer's loop is gone
+                pass
+
+        seqs = [Sequence(request, i, prompt_ids,
+                         SampleOutputProcessor(self.tokenizer, request.id, i, request.params, prompt_ids,
+                                               self.max_model_len), sink)
+                for i in range(request.params.n)]
+        self._post("add", seqs)
+        remaining = len(seqs)
+        try:
+            while remaining:
+                event = await queue.get()
+                if event.finish_reason is not None:
+                    remaining -= 1
+                yield event
+        finally:
+            if remaining:
+                self._post("abort", seqs)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request by id, from any thread."""
+        self._post("abort_id", request_id)
+
+    def _post(self, kind: str, payload: Any) -> None:
+        with self._wake:
+            self._inbox.append((kind, payload))
+            self._wake.notify()
+
+    # --- compute thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        live: dict[int, Sequence] = {}
+        while True:
+            with self._wake:
+                while not self._inbox and not self.engine.has_work() and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = list(self._inbox), deque()
+            for kind, payload in inbox:
+                self._handle(kind, payload, live)
+            if self.engine.has_work():
+                self._step(live)
+        for seq in list(live.values()):
+            self._end(seq, live, seq.processor.abort("cancelled"))
+
+    def _handle(self, kind: str, payload: Any, live: dict[int, Sequence]) -> None:
+        if kind == "add":
+            for seq in payload:
+                live[seq.seq_id] = seq
+                self.engine.add(seq)
+            return
+        targets = payload if kind == "abort" else [s for s in live.values() if s.request_id == payload]
+        for seq in targets:
+            if seq.seq_id in live:
+                self._end(seq, live, seq.processor.abort("cancelled"))
+
+    def _end(self, seq: Sequence, live: dict[int, Sequence], event: TokenEvent) -> None:
+        live.pop(seq.seq_id, None)
+        try:
+            self.engine.remove(seq)
+        finally:
+            seq.sink(event)
+
+    def _step(self, live: dict[int, Sequence]) -> None:
+        import torch
+
+        # torch's intra-op thread count is process-wide: each engine sets its own before each
+        # step (a few microseconds), so loading a second backend never changes the first's.
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        self.step_threads = torch.get_num_threads()
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # a failed step fails the sequences in it, not the engine
+            log.exception("engine step failed")
+            message = f"{type(error).__name__}: {error}"
+            for seq in list(live.values()):
+                self._end(seq, live, seq.processor.abort("error", message))
+            return
+        now = time.monotonic()
+        for seq, token_id, logprob in outputs:
+            event = seq.processor.append(token_id, logprob)
+            if seq.processor.finished:
+                self._end(seq, live, event)
+            else:
+                seq.sink(event)
+        with self._recent_lock:
+            self._tokens_generated += len(outputs)
+            self._recent.append((now, len(outputs)))
+
+    # --- stats --------------------------------------------------------------------------
+    def recent_tokens_per_s(self, window: float = 5.0) -> float:
+        now = time.monotonic()
+        with self._recent_lock:
+            while self._recent and now - self._recent[0][0] > window:
+                self._recent.popleft()
+            if not self._recent:
+                return 0.0
+            tokens = sum(n for _, n in self._recent)
+            span = max(now - self._recent[0][0], 1e-3)
+        return tokens / span if tokens > 1 else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        running, waiting = self.engine.counts()
+        return {"running": running, "waiting": waiting, "tokens_generated": self._tokens_generated,
+                "tokens_per_s": round(self.recent_tokens_per_s(), 1), **self.engine.stats()}

@@ -1,0 +1,429 @@
+"""EngineManager: one per kernel. It owns an asyncio loop in a daemon thread, keeps
+backends loaded under names, admits requests (bounded), streams their events, folds
+them into Completions, and cancels from any thread.
+
+Sync callers (magics, CLI) block on futures of that loop; async callers (server,
+widgets) use `agenerate`/`astream` from their own loop: the work always runs on the
+manager's loop, and events cross over through thread-safe queues.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+from .backends import Backend, BackendError, backend_class
+from .params import Completion, GenerationRequest, Message, ParamError, SamplingParams, Timings, TokenEvent
+
+Prompt = str | list[Message]
+
+
+class QueueFullError(RuntimeError):
+    """The admission queue is full: too many requests in flight."""
+
+
+class NoBackendError(BackendError):
+    """No backend is loaded (or the named one is not)."""
+
+
+@dataclass
+class BackendInfo:
+    """One row of the `%llm_backend` status table."""
+
+    name: str
+    backend: str
+    model: str
+    device: str
+    dtype: str
+    default: bool
+    state: str
+    running: int = 0
+    waiting: int = 0
+    tokens_per_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_requests(prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+                   chat: bool = False, system: str | None = None) -> list[GenerationRequest]:
+    """Requests for one prompt or a batch. With chat, a string becomes a user turn and a list
+    of messages is sent as it is (a multi-turn conversation); `system` goes first."""
+    params = params or SamplingParams()
+    is_conversation = isinstance(prompts, list) and bool(prompts) and all(isinstance(m, dict) for m in prompts)
+    batch: list[Prompt] = [prompts] if isinstance(prompts, str) or is_conversation else list(prompts)
+    if not batch:
+        raise ParamError("no prompt given")
+    requests = []
+    for prompt in batch:
+        if not chat and isinstance(prompt, str):
+            requests.append(GenerationRequest(prompt=prompt, params=params))
+            continue
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system and not (messages and messages[0].get("role") == "system"):
+            messages = [{"role": "system", "content": system}] + messages
+        requests.append(GenerationRequest(messages=messages, params=params))
+    return requests
+
+
+class CompletionBuilder:
+    """Folds the events of several requests into Completions, timing them where they arrive."""
+
+    def __init__(self, requests: list[GenerationRequest], backend: str, model: str):
+        self.started = time.monotonic()
+        self._slots: dict[tuple[str, int], Completion] = {}
+        self._order: list[tuple[str, int]] = []
+        for prompt_index, request in enumerate(requests):
+            for index in range(request.params.n):
+                key = (request.id, index)
+                self._order.append(key)
+                self._slots[key] = Completion(text="", token_ids=[], prompt_tokens=0, finish_reason="",
+                                              prompt_index=prompt_index, index=index, request_id=request.id,
+                                              backend=backend, model=model,
+                                              logprobs=[] if request.params.logprobs is not None else None)
+
+    def add(self, event: TokenEvent) -> None:
+        c = self._slots[(event.request_id, event.index)]
+        now = event.timestamp - self.started
+        if event.token_ids:
+            if c.timings.ttft is None:
+                c.timings.ttft = now
+            c.timings.token_times.extend([now] * len(event.token_ids))
+            c.token_ids.extend(event.token_ids)
+        c.text += event.text
+        if event.logprobs and c.logprobs is not None:
+            c.logprobs.extend(event.logprobs)
+        if event.finish_reason is not None:
+            c.finish_reason = event.finish_reason
+            c.error = event.error
+            c.stop_reason = event.stop_reason
+            c.prompt_tokens = event.prompt_tokens or c.prompt_tokens
+            c.timings.total = now
+
+    def cancel_unfinished(self) -> None:
+        now = time.monotonic() - self.started
+        for c in self._slots.values():
+            if not c.finish_reason:
+                c.finish_reason, c.timings.total = "cancelled", now
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason for c in self._slots.values())
+
+    def completions(self) -> list[Completion]:
+        """In prompt order, the n samples of a prompt next to each other."""
+        return [self._slots[key] for key in self._order]
+
+
+class EventStream:
+    """A sync iterator over the events of a batch of requests, running on the manager's loop.
+
+    Iterating blocks until the next event; `cancel()` (or a KeyboardInterrupt while
+    iterating) stops every request inside its backend. `completions` holds the results,
+    also partial ones after a cancel.
+    """
+
+    _END = object()
+
+    def __init__(self, manager: "EngineManager", requests: list[GenerationRequest], backend: str | None):
+        self.manager = manager
+        self.requests = requests
+        self._events: queue.Queue[Any] = queue.Queue()
+        target = manager.get(backend)
+        self.builder = CompletionBuilder(requests, target.kind, target.model_name)
+        self.backend_name = manager.resolve_name(backend)
+        self._future = manager.submit(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            async for event in self.manager.astream(self.requests, backend=self.backend_name):
+                self._events.put(event)
+        except BaseException as error:  # handed to the iterating thread
+            self._events.put(error)
+        finally:
+            self._events.put(self._END)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        try:
+            item = self._events.get()
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        if item is self._END:
+            self._events.put(self._END)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            if isinstance(item, asyncio.CancelledError):
+                raise StopIteration
+            raise item
+        self.builder.add(item)
+        return item
+
+    def cancel(self) -> None:
+        """Stop every request of this stream and keep what was generated."""
+        self._future.cancel()
+        self.builder.cancel_unfinished()
+
+    def close(self) -> None:
+        if not self.builder.done:
+            self.cancel()
+
+    @property
+    def completions(self) -> list[Completion]:
+        return self.builder.completions()
+
+    def wait(self) -> list[Completion]:
+        for _ in self:
+            pass
+        return self.completions
+
+
+class EngineManager:
+    """Backends by name, one default, one event loop thread, bounded admission."""
+
+    def __init__(self, max_queue: int = 256):
+        self.max_queue = max_queue
+        self._backends: dict[str, Backend] = {}
+        self._default: str | None = None
+        self._inflight: dict[str, tuple[str, asyncio.Task]] = {}  # request id -> (backend name, task)
+        self._lock = threading.RLock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="jupyter-llm-manager", daemon=True)
+        self._thread.start()
+        atexit.register(self.shutdown)
+
+    # --- the loop -----------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def submit(self, coroutine: Any) -> concurrent.futures.Future:
+        """Run a coroutine on the manager's loop from any thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def _run(self, coroutine: Any, timeout: float | None = None) -> Any:
+        future = self.submit(coroutine)
+        try:
+            return future.result(timeout)
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+
+    # --- backends -----------------------------------------------------------------------
+    def load(self, backend: str, model: str | None = None, name: str | None = None,
+             progress: bool = True, **options: Any) -> BackendInfo:
+        """Load a model on a backend kind under a name (default: the kind) and make it the default.
+        Options are the backend's, with underscores (max_num_seqs=..., threads=...)."""
+        name = name or backend
+        cls = backend_class(backend)
+        ok, reason = cls.availability()
+        if not ok:
+            raise BackendError(f"backend {backend!r} cannot load here: {reason}")
+        instance = cls(model, **options)
+        instance.load(progress=progress)
+        old = self._backends.get(name)
+        if old is not None:
+            self._run(old.stop())
+        self._run(instance.start())
+        with self._lock:
+            self._backends[name] = instance
+            self._default = name
+        return self.info(name)
+
+    def unload(self, name: str | None = None) -> None:
+        name = self.resolve_name(name)
+        with self._lock:
+            backend = self._backends.pop(name)
+            if self._default == name:
+                self._default = next(reversed(self._backends), None)
+        self._run(backend.stop())
+
+    def use(self, name: str) -> None:
+        self.resolve_name(name)
+        self._default = name
+
+    @property
+    def default(self) -> str | None:
+        return self._default
+
+    def resolve_name(self, name: str | None = None) -> str:
+        with self._lock:
+            if name is None:
+                if self._default is None:
+                    raise NoBackendError("no backend is loaded; load one with %llm_backend (e.g. %llm_backend hf)")
+                return self._default
+            if name not in self._backends:
+                loaded = ", ".join(self._backends) or "none"
+                raise NoBackendError(f"no backend named {name!r} is loaded (loaded: {loaded})")
+            return name
+
+    def get(self, name: str | None = None) -> Backend:
+        return self._backends[self.resolve_name(name)]
+
+    def names(self) -> list[str]:
+        return list(self._backends)
+
+    def info(self, name: str) -> BackendInfo:
+        backend = self._backends[name]
+        stats = backend.stats()
+        return BackendInfo(name=name, backend=backend.kind, model=backend.model_name, device=backend.device,
+                           dtype=backend.dtype, default=name == self._default, state="ready",
+                           running=stats.get("running", 0), waiting=stats.get("waiting", 0),
+                           tokens_per_s=stats.get("tokens_per_s", 0.0),
+                           extra={k: v for k, v in stats.items() if k not in ("running", "waiting", "tokens_per_s")})
+
+    def backends(self) -> list[BackendInfo]:
+        return [self.info(name) for name in list(self._backends)]
+
+    # --- generation -----------------------------------------------------------------------
+    async def astream(self, requests: list[GenerationRequest], backend: str | None = None
+                      ) -> AsyncIterator[TokenEvent]:
+        """Events of several requests merged as they arrive (each tagged with its prompt index).
+        Callable from any event loop; the work runs on the manager's loop."""
+        if asyncio.get_running_loop() is not self._loop:
+            async for event in self._bridge(requests, backend):
+                yield event
+            return
+        name = self.resolve_name(backend)
+        target = self._backends[name]
+        for request in requests:
+            target.check_request(request)
+        with self._lock:
+            if len(self._inflight) + len(requests) > self.max_queue:
+                raise QueueFullError(f"too many requests in flight ({len(self._inflight)}; "
+                                     f"the limit is {self.max_queue}); retry later")
+        merged: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+
+        async def pump(prompt_index: int, request: GenerationRequest) -> None:
+            unfinished = set(range(request.params.n))
+            try:
+                async for event in target.generate(request):
+                    event.prompt_index = prompt_index
+                    if event.finish_reason is not None:
+                        unfinished.discard(event.index)
+                    await merged.put(event)
+            except asyncio.CancelledError:  # cancel(request_id): end its samples as cancelled
+                for index in sorted(unfinished):
+                    await merged.put(TokenEvent(request.id, index, finish_reason="cancelled",
+                                                prompt_index=prompt_index))
+            except Exception as error:
+                await merged.put(error)
+            finally:
+                with self._lock:
+                    self._inflight.pop(request.id, None)
+                await merged.put(None)
+
+        tasks = []
+        with self._lock:
+            for i, request in enumerate(requests):
+                task = asyncio.ensure_future(pump(i, request))
+                self._inflight[request.id] = (name, task)
+                tasks.append(task)
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await merged.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _bridge(self, requests: list[GenerationRequest], backend: str | None) -> AsyncIterator[TokenEvent]:
+        """astream for a caller on another loop: run on the manager's loop, hand events over."""
+        caller = asyncio.get_running_loop()
+        handoff: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+
+        async def run() -> None:
+            try:
+                async for event in self.astream(requests, backend):
+                    caller.call_soon_threadsafe(handoff.put_nowait, event)
+            except BaseException as error:
+                caller.call_soon_threadsafe(handoff.put_nowait, error)
+            finally:
+                caller.call_soon_threadsafe(handoff.put_nowait, done)
+
+        future = self.submit(run())
+        try:
+            while True:
+                item = await handoff.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            future.cancel()
+
+    async def agenerate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+                        backend: str | None = None, chat: bool = False, system: str | None = None
+                        ) -> list[Completion]:
+        requests = build_requests(prompts, params, chat, system)
+        target = self.get(backend)
+        builder = CompletionBuilder(requests, target.kind, target.model_name)
+        async for event in self.astream(requests, backend):
+            builder.add(event)
+        return builder.completions()
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+               backend: str | None = None, chat: bool = False, system: str | None = None) -> EventStream:
+        """A sync iterator of TokenEvents; its `.completions` hold the results."""
+        return EventStream(self, build_requests(prompts, params, chat, system), backend)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+                 backend: str | None = None, chat: bool = False, system: str | None = None) -> list[Completion]:
+        """All prompts at once as one batch; a flat list of Completions in prompt order."""
+        stream = self.stream(prompts, params, backend, chat, system)
+        try:
+            return stream.wait()
+        finally:
+            stream.close()
+
+    def cancel(self, request_id: str | None = None) -> int:
+        """Cancel one request (or every request when None), from any thread. Returns how many."""
+        with self._lock:
+            targets = [task for rid, (_, task) in self._inflight.items() if request_id in (None, rid)]
+        for task in targets:
+            self._loop.call_soon_threadsafe(task.cancel)
+        return len(targets)
+
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # --- shutdown -----------------------------------------------------------------------
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop every backend and the loop. Runs at exit by itself."""
+        if not self._loop.is_running():
+            return
+        for name in list(self._backends):
+            try:
+                self._run(self._backends.pop(name).stop(), timeout)
+            except Exception:  # at exit, nothing may block or raise
+                pass
+        self._default = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+_manager: EngineManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_manager() -> EngineManager:
+    """The kernel's one manager, created on first use."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = EngineManager()
+        return _manager

@@ -1,0 +1,162 @@
+"""The one batched sampler every in-process backend uses.
+
+Each row of a batch carries its own `SamplingState`: its parameters, its own
+`torch.Generator` when the request has a seed (so a seeded request draws the same
+tokens alone or batched), and the token counts that the penalties need.
+Order of operations, as in vLLM: penalties -> temperature -> min-p, top-k, top-p -> draw.
+Logprobs are those of the model's raw distribution (log-softmax of the logits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .params import SamplingParams
+
+_SEED_STRIDE = 1_000_003  # sample j > 0 of a seeded request uses seed + j * stride
+
+
+class SamplingState:
+    """Per-sequence sampler state: parameters, generator and token counts for penalties."""
+
+    def __init__(self, params: SamplingParams, prompt_token_ids: list[int], sample_index: int = 0):
+        self.params = params
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator()
+            self.generator.manual_seed((params.seed + sample_index * _SEED_STRIDE) % (2**63))
+        self._output_counts: torch.Tensor | None = None
+        self._prompt_mask: torch.Tensor | None = None
+
+    def append(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        if self._output_counts is not None:
+            self._output_counts[token_id] += 1
+
+    def penalty_tensors(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output token counts [V], prompt-or-output mask [V]); built once, then kept up to date."""
+        if self._output_counts is None or self._output_counts.numel() != vocab_size:
+            counts = torch.zeros(vocab_size)
+            ids = [t for t in self.output_token_ids if t < vocab_size]
+            if ids:
+                counts.index_add_(0, torch.tensor(ids), torch.ones(len(ids)))
+            prompt_mask = torch.zeros(vocab_size, dtype=torch.bool)
+            prompt_ids = [t for t in self.prompt_token_ids if t < vocab_size]
+            if prompt_ids:
+                prompt_mask[torch.tensor(prompt_ids)] = True
+            self._output_counts, self._prompt_mask = counts, prompt_mask
+        return self._output_counts, self._prompt_mask | (self._output_counts > 0)
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    # Per row: (logprob of the chosen token, top ids, top logprobs) or None when not asked for.
+    logprobs: list[tuple[float, list[int], list[float]] | None]
+
+
+def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Repetition (prompt and output), presence and frequency (output only) penalties, in place."""
+    vocab_size = logits.shape[-1]
+    for row, state in enumerate(states):
+        p = state.params
+        if not p.uses_penalties:
+            continue
+        counts, seen = state.penalty_tensors(vocab_size)
+        if p.repetition_penalty != 1.0:
+            penalized = torch.where(logits[row] > 0, logits[row] / p.repetition_penalty,
+                                    logits[row] * p.repetition_penalty)
+            logits[row] = torch.where(seen, penalized, logits[row])
+        if p.frequency_penalty:
+            logits[row] -= p.frequency_penalty * counts
+        if p.presence_penalty:
+            logits[row] -= p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 min_p: torch.Tensor) -> torch.Tensor:
+    """Zero out what min-p, top-k and top-p exclude (per-row values; 0/1/0 disable). Not renormalized."""
+    if bool((min_p > 0).any()):
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    need_k = bool((top_k > 0).any())
+    need_p = bool((top_p < 1).any())
+    if not (need_k or need_p):
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    remove = torch.zeros_like(sorted_probs, dtype=torch.bool)
+    if need_k:
+        ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+        k = torch.where(top_k > 0, top_k, probs.shape[-1]).unsqueeze(1)
+        remove |= ranks >= k
+    if need_p:
+        kept = sorted_probs.masked_fill(remove, 0.0)
+        cumulative = kept.cumsum(dim=-1) / kept.sum(dim=-1, keepdim=True)
+        # Remove a token when the tokens before it already reach top_p (the first always stays).
+        before = cumulative - kept / kept.sum(dim=-1, keepdim=True)
+        remove |= (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    sorted_probs = sorted_probs.masked_fill(remove, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def processed_probs(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """The distribution each row samples from (penalties, temperature, filters): float32, rows not
+    renormalized; a greedy row is one-hot on its argmax."""
+    logits = apply_penalties(logits.float().clone(), states)
+    temperature = torch.tensor([s.params.temperature for s in states], dtype=torch.float32)
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
+    probs = torch.softmax(scaled, dim=-1)
+    probs = filter_probs(
+        probs,
+        torch.tensor([s.params.top_k for s in states]),
+        torch.tensor([s.params.top_p for s in states], dtype=torch.float32),
+        torch.tensor([s.params.min_p for s in states], dtype=torch.float32),
+    )
+    if bool(greedy.any()):
+        one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
+    return probs
+
+
+def draw(probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """One token per row by the exponential race (argmax p/q, q ~ Exp(1)), which samples from p.
+
+    Seeded rows draw their noise from their own generator; the others from the global one.
+    """
+    noise = torch.empty_like(probs)
+    unseeded = [row for row, s in enumerate(states) if s.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1]).exponential_()
+    for row, state in enumerate(states):
+        if state.generator is not None:
+            noise[row].exponential_(generator=state.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+class Sampler:
+    """Samples one token for every row of a batch of logits, each row with its own state."""
+
+    def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleOutput:
+        assert logits.shape[0] == len(states), "one sampling state per row of logits"
+        probs = processed_probs(logits, states)
+        greedy = [s.params.greedy for s in states]
+        tokens = probs.argmax(dim=-1) if all(greedy) else draw(probs, states)
+        token_ids = tokens.tolist()
+        logprobs: list[tuple[float, list[int], list[float]] | None] = [None] * len(states)
+        wanted = [row for row, s in enumerate(states) if s.params.logprobs is not None]
+        if wanted:
+            raw = torch.log_softmax(logits[wanted].float(), dim=-1)
+            for i, row in enumerate(wanted):
+                k = states[row].params.logprobs
+                top = raw[i].topk(k) if k else None
+                logprobs[row] = (float(raw[i, token_ids[row]]),
+                                 top.indices.tolist() if top is not None else [],
+                                 top.values.tolist() if top is not None else [])
+        for state, token in zip(states, token_ids):
+            state.append(token)
+        return SampleOutput(token_ids, logprobs)

@@ -1,0 +1,183 @@
+"""Tokenizer services shared by every backend: chat templates, end-of-sequence ids,
+an incremental detokenizer and a stop-string matcher, and the per-sample output
+processor that combines them (what turns sampled ids into `TokenEvent`s)."""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .params import GenerationRequest, Message, SamplingParams, TokenEvent, TokenLogprob
+
+# Special tokens that end a turn in common chat formats. The GGUF of SmolLM2 names only
+# <|im_end|> as EOS, yet the model also ends text with <|endoftext|>.
+_END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
+
+
+class TextTokenizer(Protocol):
+    """What the services need from a tokenizer (a transformers tokenizer fits)."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class Tokenizer:
+    """A transformers tokenizer with the services every backend needs."""
+
+    def __init__(self, hf_tokenizer: Any, extra_eos_ids: tuple[int, ...] = ()):
+        self.hf = hf_tokenizer
+        ids = set(extra_eos_ids)
+        if hf_tokenizer.eos_token_id is not None:
+            ids.add(hf_tokenizer.eos_token_id)
+        vocab = hf_tokenizer.get_vocab()
+        ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
+        self.eos_token_ids = frozenset(ids)
+        self.vocab_size = len(hf_tokenizer)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def apply_chat_template(self, messages: list[Message]) -> str:
+        if not self.has_chat_template:
+            raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead of --chat")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The token ids a request's prompt or conversation encodes to."""
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        if request.messages is not None:
+            # The template already contains the special tokens it wants.
+            return self.encode(self.apply_chat_template(request.messages), add_special_tokens=False)
+        return self.encode(request.prompt or "")
+
+
+class IncrementalDetokenizer:
+    """Turns ids into text one token at a time, never emitting half a UTF-8 character.
+
+    As in vLLM: decode a short window before the new tokens and after it, and emit the
+    difference only once it no longer ends in U+FFFD (an incomplete byte sequence).
+    A few prompt tokens seed the window so that a leading space decodes right.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, prompt_ids: list[int] = (), window: int = 5):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_ids[-window:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        new_text = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the very end) when the output ends."""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text):]
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back text that could be the start of one.
+
+    `feed` returns the text that is safe to show and the stop string that matched (the stop
+    string itself is never shown); `flush` releases what was held back when the text ends.
+    """
+
+    def __init__(self, stops: tuple[str, ...] | list[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        buffer = self.pending + text
+        if not self.stops:
+            self.pending = ""
+            return buffer, None
+        found = [(buffer.find(s), s) for s in self.stops if s in buffer]
+        if found:
+            index, stop = min(found)
+            self.pending = ""
+            return buffer[:index], stop
+        hold = 0
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, len(buffer)), hold, -1):
+                if buffer.endswith(stop[:length]):
+                    hold = length
+                    break
+        self.pending = buffer[len(buffer) - hold:] if hold else ""
+        return buffer[:len(buffer) - hold], None
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+class SampleOutputProcessor:
+    """Turns the sampled ids of one sample into TokenEvents: end-of-sequence, max_tokens,
+    the context limit, detokenizing and stop strings, all in one place."""
+
+    def __init__(self, tokenizer: Tokenizer, request_id: str, index: int, params: SamplingParams,
+                 prompt_ids: list[int], max_model_len: int):
+        self.tokenizer = tokenizer
+        self.request_id = request_id
+        self.index = index
+        self.params = params
+        self.prompt_len = len(prompt_ids)
+        self.max_model_len = max_model_len
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stop_matcher = StopMatcher(params.stop)
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def _logprob(self, token_id: int, raw: tuple[float, list[int], list[float]]) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        logprob, top_ids, top_values = raw
+        return TokenLogprob(token_id, decode([token_id], skip_special_tokens=False), logprob,
+                            [(i, decode([i], skip_special_tokens=False), v) for i, v in zip(top_ids, top_values)])
+
+    def append(self, token_id: int, logprob: tuple[float, list[int], list[float]] | None = None) -> TokenEvent:
+        assert not self.finished, "sample already finished"
+        event = TokenEvent(self.request_id, self.index)
+        if token_id in self.tokenizer.eos_token_ids and not self.params.ignore_eos:
+            return self._finish(event, "stop")
+        self.output_ids.append(token_id)
+        event.token_ids = [token_id]
+        if logprob is not None:
+            event.logprobs = [self._logprob(token_id, logprob)]
+        text, stop = self.stop_matcher.feed(self.detokenizer.add(token_id))
+        event.text = text
+        if stop is not None:
+            event.stop_reason = stop
+            return self._finish(event, "stop")
+        if len(self.output_ids) >= self.params.max_tokens or self.prompt_len + len(self.output_ids) >= self.max_model_len:
+            tail, _ = self.stop_matcher.feed(self.detokenizer.flush())
+            event.text += tail + self.stop_matcher.flush()
+            return self._finish(event, "length")
+        return event
+
+    def abort(self, reason: str = "cancelled", error: str | None = None) -> TokenEvent:
+        """The last event of a sample that ends early (cancelled or failed)."""
+        event = TokenEvent(self.request_id, self.index, text=self.stop_matcher.flush(), error=error)
+        return self._finish(event, reason)
+
+    def _finish(self, event: TokenEvent, reason: str) -> TokenEvent:
+        self.finish_reason = reason
+        event.finish_reason = reason
+        event.prompt_tokens = self.prompt_len
+        return event

@@ -1,0 +1,147 @@
+import asyncio
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from jupyter_llm.backends.base import BackendError
+from jupyter_llm.manager import EngineManager, NoBackendError, QueueFullError, build_requests
+from jupyter_llm.params import ParamError, SamplingParams
+
+
+def test_build_requests_prompt_chat_and_conversations():
+    [r] = build_requests("hi")
+    assert r.prompt == "hi" and not r.is_chat
+    [r] = build_requests("hi", chat=True, system="be brief")
+    assert r.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    [r] = build_requests(history, chat=True)
+    assert r.messages == history
+    assert len(build_requests(["a", "b", history], chat=True)) == 3
+    with pytest.raises(ParamError):
+        build_requests([])
+
+
+def test_names_default_use_and_unload(tiny_llama):
+    m = EngineManager()
+    try:
+        with pytest.raises(NoBackendError, match="no backend is loaded"):
+            m.generate("x")
+        m.load("hf", str(tiny_llama), name="a", progress=False)
+        m.load("hf", str(tiny_llama), name="b", progress=False, max_num_seqs=2)
+        assert m.default == "b"  # the latest loaded is the default
+        m.use("a")
+        assert m.default == "a" and [i.default for i in m.backends()] == [True, False]
+        with pytest.raises(NoBackendError, match="loaded: a, b"):
+            m.use("c")
+        m.unload("a")
+        assert m.default == "b" and m.names() == ["b"]
+        info = m.backends()[0]
+        assert (info.backend, info.model, info.device, info.dtype) == ("hf", tiny_llama.name, "cpu", "float32")
+    finally:
+        m.shutdown()
+
+
+def test_unknown_backend_and_options_are_clear_errors(tiny_llama):
+    m = EngineManager()
+    try:
+        with pytest.raises(BackendError, match="unknown backend 'nope'; available: native, hf"):
+            m.load("nope")
+        with pytest.raises(ParamError, match="unknown option.*--max-num-seqs"):
+            m.load("hf", str(tiny_llama), max_num_seq=3)
+        with pytest.raises(ParamError, match="unknown dtype 'float8'"):
+            m.load("hf", str(tiny_llama), dtype="float8", progress=False)
+        with pytest.raises(BackendError, match="no CUDA GPU"):
+            m.load("hf", str(tiny_llama), device="cuda", progress=False)
+    finally:
+        m.shutdown()
+
+
+def test_admission_queue_is_bounded(tiny_llama):
+    m = EngineManager(max_queue=2)
+    try:
+        m.load("hf", str(tiny_llama), progress=False)
+        long = SamplingParams(max_tokens=2000, ignore_eos=True, temperature=0)
+        stream = m.stream(["a", "b"], long)
+        next(stream)
+        with pytest.raises(QueueFullError, match="the limit is 2"):
+            m.generate("c", SamplingParams(max_tokens=2))
+        stream.cancel()
+        deadline = time.time() + 5
+        while m.inflight() and time.time() < deadline:
+            time.sleep(0.05)
+        assert m.generate("c", SamplingParams(max_tokens=2))[0].completion_tokens == 2
+    finally:
+        m.shutdown()
+
+
+def test_stats_count_tokens(manager, tiny_hf):
+    before = manager.get(tiny_hf).stats()["tokens_generated"]
+    manager.generate(["a", "b"], SamplingParams(max_tokens=4, ignore_eos=True), backend=tiny_hf)
+    stats = manager.get(tiny_hf).stats()
+    assert stats["tokens_generated"] - before == 8 and stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_async_api_from_another_event_loop(manager, tiny_hf):
+    async def main():
+        events = []
+        from jupyter_llm.manager import build_requests as br
+
+        async for event in manager.astream(br("Hello", SamplingParams(max_tokens=3, ignore_eos=True)), tiny_hf):
+            events.append(event)
+        out = await manager.agenerate("Hello", SamplingParams(max_tokens=3, ignore_eos=True), backend=tiny_hf)
+        return events, out
+
+    events, out = asyncio.run(main())
+    assert sum(len(e.token_ids) for e in events) == 3 and out[0].completion_tokens == 3
+
+
+def test_a_failing_step_fails_its_requests_not_the_manager(manager, tiny_hf):
+    engine = manager.get(tiny_hf).engine
+    original = engine.step
+
+    def broken():
+        raise RuntimeError("boom")
+
+    engine.step = broken
+    try:
+        [c] = manager.generate("Hello", SamplingParams(max_tokens=3), backend=tiny_hf)
+    finally:
+        engine.step = original
+    assert c.finish_reason == "error" and "boom" in c.error
+    engine.rows, engine.removed = [], set()
+    assert manager.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True),
+                            backend=tiny_hf)[0].completion_tokens == 3
+
+
+def test_process_exits_promptly_without_shutdown(tiny_llama):
+    code = textwrap.dedent(f"""
+        import jupyter_llm as jl
+        m = jl.get_manager()
+        m.load("hf", {str(tiny_llama)!r}, progress=False)
+        s = m.stream("Hello", jl.SamplingParams(max_tokens=100000, ignore_eos=True))
+        next(s)
+        print("started", flush=True)
+    """)
+    start = time.time()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "started" in result.stdout and time.time() - start < 30
+
+
+def test_threads_option_is_per_backend(tiny_llama):
+    import os
+
+    m = EngineManager()
+    try:
+        m.load("hf", str(tiny_llama), name="one", threads=1, progress=False)
+        m.load("hf", str(tiny_llama), name="two", progress=False)
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        for name in ("one", "two", "one"):
+            m.generate("Hello", params, backend=name)
+            expected = 1 if name == "one" else os.cpu_count()
+            assert m.get(name).step_threads == expected
+    finally:
+        m.shutdown()
