@@ -1,0 +1,1 @@
+"""The native engine: our own PyTorch inference (paged KV cache, continuous batching)."""
