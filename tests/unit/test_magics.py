@@ -88,6 +88,8 @@ def test_interpolation_sends_braces_right(shell, tiny_hf, monkeypatch):
     assert sent["prompts"] == [shell.user_ns["history"]] and sent["chat"]
     shell.run_cell("%%generate --system 'Be brief' --stop '###' --stop END\nHi")
     assert sent["chat"] and sent["system"] == "Be brief" and sent["params"].stop == ("###", "END")
+    shell.run_cell("%%generate --stop '\\n\\n' 'a\\tb'\nHi")
+    assert sent["params"].stop == ("\n\n", "a\tb")
 
 
 def test_config_defaults(shell, tiny_hf, monkeypatch):

@@ -145,3 +145,21 @@ def test_threads_option_is_per_backend(tiny_llama):
             assert m.get(name).step_threads == expected
     finally:
         m.shutdown()
+
+
+def test_a_batch_of_prompts_is_admitted_together(manager, tiny_hf):
+    engine = manager.get(tiny_hf).engine
+    original = engine._prefill
+    batch_sizes = []
+
+    def spy():
+        batch_sizes.append(len(engine.waiting))
+        return original()
+
+    engine._prefill = spy
+    try:
+        for _ in range(3):
+            manager.generate(["a", "b", "c", "d"], SamplingParams(max_tokens=3, ignore_eos=True), backend=tiny_hf)
+    finally:
+        del engine._prefill
+    assert batch_sizes == [4, 4, 4]

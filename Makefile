@@ -1,0 +1,16 @@
+# The two commands of the README. Both set everything up first (scripts/setup.sh, idempotent).
+.PHONY: setup quickstart test
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+setup:
+	bash scripts/setup.sh
+
+# Executes the quickstart notebook headless with the embedded model; the executed copy
+# lands in build/notebooks/.
+quickstart: setup
+	.venv/bin/python scripts/run_notebook.py notebooks/01-quickstart.ipynb
+
+test: setup
+	.venv/bin/python -m pytest -q

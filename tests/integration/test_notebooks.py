@@ -1,0 +1,25 @@
+"""Every runnable guide executes headless through a real kernel without error outputs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from run_notebook import error_outputs, run  # noqa: E402
+
+
+def cell_text(nb, index):
+    return "".join(out.get("text", "") or out.get("data", {}).get("text/plain", "")
+                   for out in nb.cells[index].get("outputs", []))
+
+
+@pytest.mark.embedded
+def test_quickstart(embedded_model):
+    nb = run(ROOT / "notebooks" / "01-quickstart.ipynb")
+    assert error_outputs(nb) == []
+    answer = next(i for i, c in enumerate(nb.cells) if c.source.startswith("%%generate --chat --temperature 0"))
+    assert "Paris" in cell_text(nb, answer)
