@@ -163,3 +163,14 @@ def test_a_batch_of_prompts_is_admitted_together(manager, tiny_hf):
     finally:
         del engine._prefill
     assert batch_sizes == [4, 4, 4]
+
+
+def test_hf_dtype_option(tiny_llama):
+    m = EngineManager()
+    try:
+        info = m.load("hf", str(tiny_llama), dtype="bfloat16", progress=False)
+        assert info.dtype == "bfloat16"
+        assert str(m.get().hf_model.dtype) == "torch.bfloat16"
+        assert m.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True))[0].completion_tokens == 3
+    finally:
+        m.shutdown()
