@@ -46,6 +46,7 @@ class BackendInfo:
     running: int = 0
     waiting: int = 0
     tokens_per_s: float = 0.0
+    batching: str = ""  # "continuous", "static" (next batch) or "none" (one at a time)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -287,7 +288,7 @@ class EngineManager:
         return BackendInfo(name=name, backend=backend.kind, model=backend.model_name, device=backend.device,
                            dtype=backend.dtype, default=name == self._default, state="ready",
                            running=stats.get("running", 0), waiting=stats.get("waiting", 0),
-                           tokens_per_s=stats.get("tokens_per_s", 0.0),
+                           tokens_per_s=stats.get("tokens_per_s", 0.0), batching=backend.capabilities.batching,
                            extra={k: v for k, v in stats.items() if k not in ("running", "waiting", "tokens_per_s")})
 
     def backends(self) -> list[BackendInfo]:

@@ -19,13 +19,14 @@ def test_load_ext_is_fast_and_imports_no_torch():
 
 def test_backend_load_table_use_and_stop(shell, tiny_llama, capsys):
     shell.run_cell(f"%llm_backend hf {tiny_llama} --name m1 --max-num-seqs 4 --threads 1")
-    shell.run_cell(f"%llm_backend hf {tiny_llama} --name m2")
+    shell.run_cell(f"%llm_backend hf --model {tiny_llama} --name m2")  # --model works as the positional
     loaded = capsys.readouterr().out
     assert "as 'm1' (cpu, float32)" in loaded and "as 'm2'" in loaded
     shell.run_cell("%llm_backend --use m1")
     shell.run_cell("%llm_backend")
     out = capsys.readouterr().out
     assert "default backend: m1" in out and "Loaded backends" in out and "m2" in out
+    assert "static" in out and "batch_size=" in out  # batching mode and backend-specific stats
     shell.run_cell("%llm_backend --stop m1")
     shell.run_cell("%llm_backend --stop m2")
     assert "stopped m1" in capsys.readouterr().out

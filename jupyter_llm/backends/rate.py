@@ -1,0 +1,45 @@
+"""Counts of requests and tokens for the status tables of backends whose engine runs
+elsewhere (another process, a GPU runtime, a server): what is running, how many tokens
+came back, and the recent token rate."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+
+class TokenMeter:
+    """Thread-safe: the manager's loop writes, status tables read from any thread."""
+
+    def __init__(self, window: float = 5.0):
+        self.window = window
+        self.running = 0
+        self.tokens_generated = 0
+        self._recent: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def started(self) -> None:
+        with self._lock:
+            self.running += 1
+
+    def finished(self) -> None:
+        with self._lock:
+            self.running -= 1
+
+    def add(self, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        with self._lock:
+            self.tokens_generated += tokens
+            self._recent.append((time.monotonic(), tokens))
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and now - self._recent[0][0] > self.window:
+                self._recent.popleft()
+            if len(self._recent) < 2:
+                return 0.0
+            tokens = sum(n for _, n in self._recent)
+            span = max(now - self._recent[0][0], 1e-3)
+        return round(tokens / span, 1)

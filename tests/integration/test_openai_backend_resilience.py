@@ -1,0 +1,193 @@
+"""The openai backend against a scripted local server that answers 429/503, drops
+connections, stalls, or streams on cue: retries (honouring Retry-After), the circuit
+breaker, mid-stream failures, and a cancel that closes the HTTP request."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from jupyter_llm.backends.base import BackendError
+from jupyter_llm.backends.http_resilience import CircuitOpenError
+from jupyter_llm.params import SamplingParams
+
+PARAMS = SamplingParams(max_tokens=4, temperature=0)
+
+
+class Script:
+    """What the next POSTs answer: ("status", code, headers) | ("drop",) | ("stream", tokens, delay)
+    | ("break", tokens). With nothing scripted, a request streams 4 tokens."""
+
+    def __init__(self):
+        self.actions: deque = deque()
+        self.posts = 0
+        self.bodies: list[dict] = []
+        self.client_gone = threading.Event()
+
+
+def handler_for(script: Script):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _json(self, status: int, body: dict, headers: dict | None = None) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
+                               **(headers or {})}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._json(200, {"object": "list", "data": [{"id": "fake", "owned_by": "vllm", "max_model_len": 64}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            script.posts += 1
+            script.bodies.append(body)
+            action = script.actions.popleft() if script.actions else ("stream", 4, 0.0)
+            if action[0] == "status":
+                self._json(action[1], {"error": {"message": f"scripted {action[1]}"}}, action[2])
+            elif action[0] == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+            elif action[0] == "stream":
+                self._stream(action[1], action[2])
+            else:
+                self._stream(action[1], 0.0, broken=True)
+
+        def _stream(self, tokens: int, delay: float, broken: bool = False) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            try:
+                for i in range(tokens):
+                    last = i == tokens - 1 and not broken
+                    chunk = {"choices": [{"index": 0, "text": f" t{i}", "token_ids": [100 + i],
+                                          "finish_reason": "length" if last else None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                    time.sleep(delay)
+                if broken:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": tokens}}
+                self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                script.client_gone.set()
+
+    return Handler
+
+
+@pytest.fixture
+def server():
+    script = Script()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(script))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield script, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def load(manager):
+    names = []
+
+    def load(url: str, **options) -> str:
+        name = f"resilience-{len(names)}"
+        manager.load("openai", name=name, progress=False, url=url, **options)
+        names.append(name)
+        return name
+
+    yield load
+    for name in names:
+        manager.unload(name)
+
+
+def test_a_plain_stream(manager, server, load):
+    script, url = server
+    name = load(url)
+    [c] = manager.generate("hi", PARAMS, backend=name)
+    assert c.text == " t0 t1 t2 t3" and c.token_ids == [100, 101, 102, 103] and c.prompt_tokens == 3
+    body = script.bodies[0]
+    assert body["return_token_ids"] is True and body["top_k"] == -1 and body["stream"] is True
+
+
+def test_429_and_503_are_retried(manager, server, load):
+    script, url = server
+    name = load(url)
+    script.actions.extend([("status", 429, {"Retry-After": "0"}), ("status", 503, {})])
+    [c] = manager.generate("hi", PARAMS, backend=name)
+    assert c.finish_reason == "length" and script.posts == 3
+    assert manager.get(name).stats()["retries"] == 2
+
+
+def test_a_long_retry_after_is_reported_not_waited_for(manager, server, load):
+    script, url = server
+    name = load(url)
+    script.actions.append(("status", 429, {"Retry-After": "3600"}))
+    start = time.monotonic()
+    with pytest.raises(BackendError, match=r"busy \(HTTP 429\).*scripted 429"):
+        manager.generate("hi", PARAMS, backend=name)
+    assert time.monotonic() - start < 5 and script.posts == 1
+
+
+def test_dropped_connections_are_retried(manager, server, load):
+    script, url = server
+    name = load(url)
+    script.actions.extend([("drop",), ("drop",)])
+    [c] = manager.generate("hi", PARAMS, backend=name)
+    assert c.text == " t0 t1 t2 t3" and script.posts == 3
+
+
+def test_the_circuit_opens_fails_fast_and_recovers(manager, server, load):
+    script, url = server
+    name = load(url, breaker_threshold=2, breaker_cooldown=1.0, max_retries=1)
+    script.actions.extend([("drop",), ("drop",)])
+    with pytest.raises(BackendError, match="cannot reach"):
+        manager.generate("hi", PARAMS, backend=name)
+    assert manager.get(name).stats()["circuit"].startswith("open (2 connection failures")
+    posts = script.posts
+    start = time.monotonic()
+    with pytest.raises(CircuitOpenError, match="Failing fast"):
+        manager.generate("hi", PARAMS, backend=name)
+    assert script.posts == posts and time.monotonic() - start < 0.5  # the server was not even tried
+    time.sleep(1.1)
+    assert manager.get(name).stats()["circuit"] == "half-open"
+    [c] = manager.generate("hi", PARAMS, backend=name)
+    assert c.finish_reason == "length" and manager.get(name).stats()["circuit"] == "closed"
+
+
+def test_a_stream_that_breaks_ends_the_sample_with_an_error(manager, server, load):
+    script, url = server
+    name = load(url)
+    script.actions.append(("break", 2))
+    [c] = manager.generate("hi", PARAMS, backend=name)
+    assert c.finish_reason == "error" and c.text == " t0 t1"
+    assert "closed the stream" in c.error or "failed mid-stream" in c.error
+
+
+def test_cancel_closes_the_http_request(manager, server, load):
+    script, url = server
+    name = load(url)
+    script.actions.append(("stream", 200, 0.02))
+    stream = manager.stream("hi", PARAMS.replace(max_tokens=200), backend=name)
+    next(stream), next(stream)
+    stream.cancel()
+    assert script.client_gone.wait(5)  # the server noticed the client went away
+    assert stream.completions[0].finish_reason == "cancelled"
+    deadline = time.time() + 2
+    while manager.get(name).stats()["running"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert manager.get(name).stats()["running"] == 0
