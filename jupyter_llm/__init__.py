@@ -16,7 +16,17 @@ from .params import Completion, GenerationRequest, ParamError, SamplingParams, T
 
 __version__ = "0.1.0"
 __all__ = ["Completion", "GenerationRequest", "ParamError", "SamplingParams", "TokenEvent", "TokenLogprob",
-           "get_manager", "available_backends", "load_ipython_extension", "unload_ipython_extension"]
+           "get_manager", "available_backends", "load_ipython_extension", "unload_ipython_extension",
+           "Playground"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the widget imports anywidget/ipywidgets only when someone asks for it.
+    if name == "Playground":
+        from .widgets import Playground
+
+        return Playground
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_manager() -> Any:

@@ -18,6 +18,12 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # A bare torch requirement would pull a multi-GB CUDA build: install the CPU build first.
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" install "torch==2.13.0"
+# The browser tests drive Debian's Chromium (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ]; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    apt-cache show chromium >/dev/null 2>&1 || $SUDO apt-get update -q
+    $SUDO apt-get install -y -q --no-install-recommends chromium
+fi
 "${PIP[@]}" install -e ".[embedded,test]"
 echo "$want" > "$STAMP"
 echo "setup: .venv ready"
