@@ -24,6 +24,6 @@ if [ ! -x /usr/bin/chromium ]; then
     apt-cache show chromium >/dev/null 2>&1 || $SUDO apt-get update -q
     $SUDO apt-get install -y -q --no-install-recommends chromium
 fi
-"${PIP[@]}" install -e ".[embedded,test]"
+"${PIP[@]}" install -e ".[embedded,onnx,test]"
 echo "$want" > "$STAMP"
 echo "setup: .venv ready"
