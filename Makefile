@@ -13,4 +13,5 @@ quickstart: setup
 	.venv/bin/python scripts/run_notebook.py notebooks/01-quickstart.ipynb
 
 test: setup
+	npm --prefix labextension test --silent
 	.venv/bin/python -m pytest -q

@@ -50,9 +50,20 @@ def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(magics)
     if magics not in ipython.configurables:
         ipython.configurables.append(magics)
+    from .labext import register as _register_labext  # the JupyterLab status bar's comm (labextension/)
+
+    _register_labext(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     from .magics import LLMMagics
 
     ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, LLMMagics)]
+    from .labext import unregister as _unregister_labext
+
+    _unregister_labext(ipython)
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """The prebuilt JupyterLab extension (built from labextension/ into jupyter_llm/labextension/)."""
+    return [{"src": "labextension", "dest": "jupyter-llm"}]

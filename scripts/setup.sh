@@ -8,9 +8,25 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.setup-stamp
+
+# The JupyterLab extension (labextension/, TypeScript) -> jupyter_llm/labextension/ (prebuilt), linked
+# into the venv for the editable install. Rebuilt only when a source is newer than the output.
+labextension() {
+    local out=jupyter_llm/labextension/package.json
+    if [ ! -f "$out" ] || [ -n "$(find labextension/src labextension/style labextension/package.json \
+            labextension/package-lock.json labextension/tsconfig.json -newer "$out" -print -quit)" ]; then
+        command -v npm >/dev/null || { echo "setup: npm (Node.js 20+) is needed to build labextension/" >&2; return 1; }
+        [ labextension/node_modules/.package-lock.json -nt labextension/package-lock.json ] \
+            || npm --prefix labextension ci --no-audit --no-fund --loglevel=error
+        PATH="$PWD/.venv/bin:$PATH" npm --prefix labextension run build --silent >/dev/null
+    fi
+    [ -L .venv/share/jupyter/labextensions/jupyter-llm ] \
+        || PATH="$PWD/.venv/bin:$PATH" .venv/bin/jupyter labextension develop --overwrite . >/dev/null 2>&1
+}
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && .venv/bin/python -c "import jupyter_llm" 2>/dev/null; then
+    labextension
     exit 0
 fi
 
@@ -25,5 +41,6 @@ if [ ! -x /usr/bin/chromium ]; then
     $SUDO apt-get install -y -q --no-install-recommends chromium
 fi
 "${PIP[@]}" install -e ".[embedded,onnx,test]"
+labextension
 echo "$want" > "$STAMP"
 echo "setup: .venv ready"
