@@ -83,10 +83,20 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     if bool((min_p > 0).any()):
         threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         probs = probs.masked_fill(probs < threshold, 0.0)
+    rows = ((top_k > 0) | (top_p < 1)).nonzero().flatten()
+    if len(rows) == 0:
+        return probs
+    if len(rows) < probs.shape[0]:  # sorting 49k-entry rows is costly: only the rows that filter
+        probs = probs.clone()
+        probs[rows] = _filter_sorted(probs[rows], top_k[rows], top_p[rows])
+        return probs
+    return _filter_sorted(probs, top_k, top_p)
+
+
+def _filter_sorted(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k and top-p over rows sorted by probability."""
     need_k = bool((top_k > 0).any())
     need_p = bool((top_p < 1).any())
-    if not (need_k or need_p):
-        return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     remove = torch.zeros_like(sorted_probs, dtype=torch.bool)
     if need_k:
@@ -143,10 +153,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleOutput:
         assert logits.shape[0] == len(states), "one sampling state per row of logits"
-        probs = processed_probs(logits, states)
-        greedy = [s.params.greedy for s in states]
-        tokens = probs.argmax(dim=-1) if all(greedy) else draw(probs, states)
-        token_ids = tokens.tolist()
+        if all(s.params.greedy and not s.params.uses_penalties for s in states):
+            token_ids = logits.argmax(dim=-1).tolist()  # the common greedy case: no distribution needed
+        else:
+            token_ids = draw(processed_probs(logits, states), states).tolist()
         logprobs: list[tuple[float, list[int], list[float]] | None] = [None] * len(states)
         wanted = [row for row, s in enumerate(states) if s.params.logprobs is not None]
         if wanted:

@@ -15,6 +15,11 @@ __all__ = ["Backend", "BackendError", "BackendUnavailable", "Capabilities", "BUI
 BUILTIN: dict[str, str] = {
     "native": "jupyter_llm.backends.native.backend:NativeBackend",
     "hf": "jupyter_llm.backends.hf:HFBackend",
+    "llamacpp": "jupyter_llm.backends.llamacpp:LlamaCppBackend",
+    "openai": "jupyter_llm.backends.openai_compat:OpenAIBackend",
+    "vllm": "jupyter_llm.backends.vllm:VLLMBackend",
+    "trtllm": "jupyter_llm.backends.trtllm:TRTLLMBackend",
+    "onnx": "jupyter_llm.backends.onnx:ONNXBackend",
 }
 
 ENTRY_POINT_GROUP = "jupyter_llm.backends"

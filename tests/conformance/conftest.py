@@ -3,9 +3,22 @@ manager and returns its name. Later backends add themselves to BACKENDS."""
 from __future__ import annotations
 
 import pytest
+from backends_external import *  # noqa: F401,F403  (the llamacpp and openai fixtures)
+from backends_external import EXTERNAL_BACKENDS
+from backends_onnx import *  # noqa: F401,F403  (the onnx fixtures: fp32, int8, int4 exports)
 
 # name -> fixture that returns the loaded backend name in the session manager
-BACKENDS = ["tiny_hf"]
+BACKENDS = ["tiny_hf", "tiny_native"]
+BACKENDS += EXTERNAL_BACKENDS
+BACKENDS += ONNX_BACKENDS  # noqa: F405
+
+
+@pytest.fixture(scope="session")
+def tiny_native(manager, tiny_llama):
+    """The tiny llama on the native engine, with a small KV pool (enough for every test)."""
+    manager.load("native", str(tiny_llama), name="tiny-native", progress=False,
+                 kv_cache_memory="4MiB", max_num_batched_tokens=64)
+    return "tiny-native"
 
 
 @pytest.fixture(params=BACKENDS)

@@ -5,7 +5,8 @@ Vocabulary:
   * a sequence's *block table* lists its block ids in order: token at position p lives in block
     `table[p // block_size]`, offset `p % block_size`;
   * its *slot* is the flat index `table[p // block_size] * block_size + p % block_size` into the
-    pool viewed as [num_layers, num_blocks * block_size, num_kv_heads, head_dim];
+    pool viewed as [num_layers, num_blocks * block_size, num_kv_heads, head_dim] (for each layer
+    and KV head, the slots are contiguous rows of head_dim: see `KVCachePool`);
   * the *prefix cache* maps the hash of a FULL block (hash of the previous block, its token ids)
     to the block that holds its K/V, so that a new sequence with the same leading tokens
     shares those blocks (reference counted) instead of recomputing them.
@@ -21,7 +22,13 @@ from .config import ModelConfig
 
 
 class KVCachePool:
-    """Preallocated K and V tensors of shape [num_layers, num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Preallocated K and V tensors, indexed [layer, block, offset, kv_head, dim].
+
+    In memory they are head-major, [num_layers, num_kv_heads, num_blocks, block_size, head_dim]
+    (`k_heads`, `v_heads`); `k` and `v` are views of them in the indexing order above. Head-major
+    storage lets decode attention gather a sequence's keys per KV head as one contiguous
+    [tokens, head_dim] matrix and multiply it without another copy (see attention.py).
+    """
 
     def __init__(
         self,
@@ -33,10 +40,12 @@ class KVCachePool:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         # Zeros, not empty: attention reads padded slots (masked out), which must never be NaN.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_heads = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_heads = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = self.k_heads.permute(0, 2, 3, 1, 4)  # [layers, blocks, block_size, kv_heads, head_dim]
+        self.v = self.v_heads.permute(0, 2, 3, 1, 4)
         self.num_blocks = num_blocks
         self.block_size = block_size
 

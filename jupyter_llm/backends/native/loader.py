@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .models import build_model
+from .models.llama import interleave_rope_rows
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -140,7 +141,8 @@ def _load_hf(hf: StateDict, cfg: ModelConfig, dtype: torch.dtype, device: torch.
 
 
 def _llama_from_hf(hf: StateDict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF LlamaForCausalLM names (model.layers.{i}.self_attn.q_proj.weight, ...) -> ours."""
+    """HF LlamaForCausalLM names (model.layers.{i}.self_attn.q_proj.weight, ...) -> ours; q and k
+    rows go to interleaved rotary order (see models/llama.py)."""
     sd = {k.removeprefix("model."): v for k, v in hf.items() if "rotary_emb" not in k}
     out = {"embed_tokens.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"]}
     if not cfg.tie_word_embeddings:
@@ -152,7 +154,9 @@ def _llama_from_hf(hf: StateDict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[f"{p}{norm}.weight"] = sd[f"{p}{norm}.weight"]
         for w in params:
-            out[f"{p}self_attn.qkv_proj.{w}"] = torch.cat([sd[f"{p}self_attn.{x}_proj.{w}"] for x in "qkv"])
+            q = interleave_rope_rows(sd[f"{p}self_attn.q_proj.{w}"], cfg.num_heads, cfg.head_dim)
+            k = interleave_rope_rows(sd[f"{p}self_attn.k_proj.{w}"], cfg.num_kv_heads, cfg.head_dim)
+            out[f"{p}self_attn.qkv_proj.{w}"] = torch.cat([q, k, sd[f"{p}self_attn.v_proj.{w}"]])
             out[f"{p}self_attn.o_proj.{w}"] = sd[f"{p}self_attn.o_proj.{w}"]
         for w in mlp_params:
             out[f"{p}mlp.gate_up_proj.{w}"] = torch.cat([sd[f"{p}mlp.gate_proj.{w}"], sd[f"{p}mlp.up_proj.{w}"]])
@@ -183,6 +187,16 @@ def _instantiate(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torc
     """Build the model without initializing it (meta device), then take `weights` as its parameters."""
     with torch.device("meta"):
         model = build_model(cfg)
-    weights = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in weights.items()}
+    weights = {k: _owned(v, dtype, device) for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _owned(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A contiguous tensor in its own memory. safetensors hands out views into one memory map
+    of the whole file, which stays resident while any of them lives: copying the weights we
+    keep lets the map (and the pages of the weights that were fused or dropped) go."""
+    out = tensor.to(device=device, dtype=dtype)
+    if out.data_ptr() == tensor.data_ptr():
+        return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()

@@ -40,19 +40,28 @@ class ModelRunner:
         """Compute one step; return logits (float32, or float64 for a float64 model) of the last new token of each item, [B, V]
         (for an item that is a mid-prompt chunk the caller ignores its row). With all_logits,
         return the logits of every new token instead, [T, V] in batch order (speculative
-        verification uses this)."""
+        verification uses this).
+
+        Single-token items (decodes) go first in the flat batch, sorted by context length, so
+        that attention batches them with no reordering (see attention.py); rows come back in
+        the caller's order."""
         query_lens = [len(item.token_ids) for item in batch]
+        # Decodes first, shortest context first (attention groups them by length), then chunks.
+        order = sorted(range(len(batch)), key=lambda i: (query_lens[i] != 1, batch[i].start_pos if query_lens[i] == 1 else 0))
         positions: list[int] = []
         input_ids: list[int] = []
         slots: list[int] = []
-        for item, n in zip(batch, query_lens):
+        starts = [0] * len(batch)  # row of each item's first token in the flat batch
+        for i in order:
+            item, n = batch[i], query_lens[i]
+            starts[i] = len(input_ids)
             input_ids.extend(item.token_ids)
             positions.extend(range(item.start_pos, item.start_pos + n))
             slots.extend(item.slot_mapping)
         meta = AttentionMetadata.build(
-            query_lens=query_lens,
-            context_lens=[item.start_pos + n for item, n in zip(batch, query_lens)],
-            block_tables=[item.block_table for item in batch],
+            query_lens=[query_lens[i] for i in order],
+            context_lens=[batch[i].start_pos + query_lens[i] for i in order],
+            block_tables=[batch[i].block_table for i in order],
             slot_mapping=slots,
             block_size=self.kv_pool.block_size,
             device=self.device,
@@ -60,8 +69,11 @@ class ModelRunner:
         ids = torch.tensor(input_ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         hidden = self.model(ids, pos, meta, self.kv_pool)
-        if not all_logits and len(batch) != len(input_ids):
-            last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
-            hidden = hidden[last]
+        if all_logits:
+            rows = [starts[i] + j for i in range(len(batch)) for j in range(query_lens[i])]
+        else:
+            rows = [starts[i] + query_lens[i] - 1 for i in range(len(batch))]
+        if rows != list(range(len(input_ids))):
+            hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
         logits = self.model.compute_logits(hidden)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -74,5 +74,6 @@ class GPT2ForCausalLM(nn.Module):
         return self.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is None:  # tied embeddings
+            return F.linear(hidden, self.wte.weight)
+        return self.lm_head(hidden)  # nn.Linear, or the int8 one of quant.py

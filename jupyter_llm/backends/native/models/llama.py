@@ -1,7 +1,11 @@
 """Llama-family decoder (SmolLM2, Llama 2/3): RoPE, RMSNorm, SwiGLU, grouped-query attention.
 
 Projections are fused (qkv_proj = [q; k; v], gate_up_proj = [gate; up]); the loader
-concatenates HF's separate weights. Inputs are a flat batch of new tokens (see attention.py).
+concatenates HF's separate weights and puts the q and k rows of each head in interleaved
+rotary order (`interleave_rope_rows`), so that RoPE is one complex multiply for q and k
+together. Inputs are a flat batch of new tokens (see attention.py). The forward keeps the
+Python work per layer small: at batch 1 on a CPU, op dispatch costs as much as the GEMMs of
+an int8 model.
 """
 from __future__ import annotations
 
@@ -38,9 +42,45 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, 1, head_dim / 2]. HF's rotate-half convention."""
+    """x: [T, heads, head_dim]; cos, sin: [T, 1, head_dim / 2]. HF's rotate-half convention
+    (pairs (i, i + head_dim / 2)); the models below use `apply_rope_interleaved` instead."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def interleave_rope_rows(weight: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder the rows (output features) of a q or k projection, head by head, from HF's
+    rotate-half order (pair i = features i and i + head_dim / 2) to adjacent pairs (2i, 2i + 1).
+
+    Attention scores are dot products of q and k over head_dim, which do not change when q and
+    k permute their features the same way; adjacent pairs let RoPE run as one complex multiply.
+    """
+    rest = weight.shape[1:]
+    return weight.reshape(num_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(num_heads * head_dim, *rest)
+
+
+def apply_rope_interleaved(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim] with rotary pairs adjacent; rope: [T, 1, head_dim / 2] complex
+    (cos + i sin) for float32/float64, or [T, 1, head_dim / 2, 2] (cos, sin) for half types."""
+    if rope.is_complex():
+        rotated = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rope
+        return torch.view_as_real(rotated).flatten(-2)
+    pairs = x.unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = rope[..., 0], rope[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm: normalize in float32 (or float64), scale by the weight in the input dtype."""
+    if x.dtype in (torch.float32, torch.float64) and _HAS_RMS_NORM:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+_HAS_RMS_NORM = hasattr(F, "rms_norm")
 
 
 class RMSNorm(nn.Module):
@@ -50,42 +90,55 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
+    """Fused qkv projection; q and k rows in interleaved rotary order (see `interleave_rope_rows`)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qk_size = q_size + kv_size
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         self.scale = self.head_dim**-0.5
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_pool: KVCachePool
-    ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_pool.k[self.layer_idx], kv_pool.v[self.layer_idx], meta, self.scale)
-        return self.o_proj(out)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata, kv_pool: KVCachePool) -> torch.Tensor:
+        """The attention output before o_proj, [T, q_size]."""
+        qkv = self.qkv_proj(x)
+        num_tokens, heads = qkv.shape[0], self.num_heads
+        # RoPE on q and k together (one op), straight from the fused projection.
+        qk = apply_rope_interleaved(qkv[:, : self.qk_size].view(num_tokens, heads + self.num_kv_heads, self.head_dim), rope)
+        v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        return paged_attention(qk[:, :heads], qk[:, heads:], v, kv_pool.k[self.layer_idx], kv_pool.v[self.layer_idx],
+                               meta, self.scale)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up from the fused projection, before down_proj."""
+        gate_up = self.gate_up_proj(x)
+        gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
+        return F.silu(gate).mul_(up)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(x))
+
+
+def linear_add(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + proj(x), in one GEMM (addmm) for a plain bias-free float Linear."""
+    if type(proj) is nn.Linear and proj.bias is None and x.dtype == residual.dtype and x.dim() == 2:
+        return torch.addmm(residual, x, proj.weight.t())
+    return residual + proj(x)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -95,12 +148,15 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = LlamaMLP(config)
+        self.eps = config.norm_eps
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv_pool: KVCachePool
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_pool)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata, kv_pool: KVCachePool) -> torch.Tensor:
+        # Few Python-level calls per layer: norms and residual adds inline, o_proj/down_proj fused with the add.
+        attn = self.self_attn
+        h = attn(rms_norm(x, self.input_layernorm.weight, self.eps), rope, meta, kv_pool)
+        x = linear_add(attn.o_proj, h, x)
+        mlp = self.mlp
+        return linear_add(mlp.down_proj, mlp.act(rms_norm(x, self.post_attention_layernorm.weight, self.eps)), x)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -119,16 +175,25 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", freqs.cos(), persistent=False)
         self.register_buffer("rope_sin", freqs.sin(), persistent=False)
 
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rotation of each position for `apply_rope_interleaved`: complex [T, 1, D/2] for
+        float32/float64, (cos, sin) pairs [T, 1, D/2, 2] in `dtype` otherwise."""
+        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
+        sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        if dtype in (torch.float32, torch.float64):
+            return torch.complex(cos.to(dtype), sin.to(dtype))
+        return torch.stack((cos, sin), dim=-1).to(dtype)
+
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_pool: KVCachePool
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        rope = self.rope(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, meta, kv_pool)
+            x = layer(x, rope, meta, kv_pool)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is None:  # tied embeddings
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)  # nn.Linear, or the int8 one of quant.py
