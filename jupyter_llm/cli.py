@@ -3,6 +3,7 @@
     jupyter-llm generate "The capital of France is" --max-tokens 16 --temperature 0
     jupyter-llm generate --chat "What is the capital of France?" --backend hf
     jupyter-llm backends
+    jupyter-llm serve --backend native --model smollm2-135m --port 8000
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from typing import Sequence
 
 from .arguments import add_sampling_arguments, params_from_args
+from .bench.command import add_bench_arguments
+from .server.settings import add_serve_arguments
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -47,11 +50,62 @@ def _generate(args: argparse.Namespace) -> int:
     return 0 if all(c.finish_reason != "error" for c in stream.completions) else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.command import run_from_args
+    from .manager import get_manager
+
+    manager = get_manager()
+    for kind in [k.strip() for k in (args.load or "").split(",") if k.strip()]:
+        manager.load(kind, args.load_model, progress=False)
+    if not args.load and not args.url and not args.backends:
+        manager.load_default(progress=False)
+    result, _ = run_from_args(args, manager)
+    print(result.table()["text/plain"])
+    if args.save:
+        print(f"saved {args.save}" + ("" if args.no_plot else f" and {args.save.rsplit('.', 1)[0]}.png"))
+    return 0 if not any(row["errors"] for row in result.rows) else 1
+
+
 def _backends(args: argparse.Namespace) -> int:
     from .backends import available_backends
 
     for b in available_backends():
         print(f"{b.kind:10} {'yes' if b.available else 'no ':4} {b.reason or b.description}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .manager import get_manager
+    from .params import ParamError
+    from .server.runner import ServerError, banner, serve_forever
+    from .server.settings import settings_from_args
+
+    settings = settings_from_args(args)  # refuse bad options before loading a model
+    options: dict[str, object] = {}
+    for item in args.backend_option or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ParamError(f"--backend-option expects KEY=VALUE, got {item!r}")
+        options[key.replace("-", "_")] = value
+    if args.threads:
+        options["threads"] = args.threads
+    manager = get_manager()
+    if args.backend or args.model:
+        manager.load(args.backend or "hf", args.model, name=args.name, **options)
+    else:
+        manager.load_default()
+    if settings.warning:
+        print(f"jupyter-llm: warning: {settings.warning}", file=sys.stderr)
+    key_hint = f"${args.api_key_env}" if args.api_key_env else "YOUR-KEY" if args.api_key else None
+
+    def ready(url: str) -> None:
+        print(banner(url, manager.names(), manager.default, key_hint, "Stop it with Ctrl-C."), flush=True)
+
+    try:
+        serve_forever(manager, settings, ready)
+    except ServerError as error:
+        print(f"jupyter-llm: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -67,7 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system")
     add_sampling_arguments(gen)
     gen.set_defaults(func=_generate)
+    bench = commands.add_parser("bench", help="benchmark backends and OpenAI-compatible servers")
+    bench.add_argument("--load", metavar="KINDS", help="backend kinds to load first, comma-separated (e.g. native,hf)")
+    bench.add_argument("--load-model", metavar="MODEL", help="model for --load (default: smollm2-135m)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     commands.add_parser("backends", help="list backends and whether each can load here").set_defaults(func=_backends)
+    serve = commands.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API (until Ctrl-C)")
+    serve.add_argument("--backend", help="backend kind (default: the best one for the embedded model)")
+    serve.add_argument("--model", help="model alias, folder, .gguf file or hub id (default: smollm2-135m)")
+    serve.add_argument("--name", help="the model's name in the API (default: the backend kind)")
+    serve.add_argument("--threads", type=int)
+    serve.add_argument("--backend-option", action="append", metavar="KEY=VALUE",
+                       help="a backend option, e.g. max_num_seqs=64 (repeatable)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -13,8 +13,10 @@ from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Configurable
 
 from .arguments import params_from_args, sampling_arguments
+from .bench.command import bench_arguments
 from .interpolate import interpolate, whole_variable
 from .params import ParamError, SamplingParams
+from .server.settings import serve_arguments
 
 _SEPARATOR = re.compile(r"^---\s*$", re.MULTILINE)
 
@@ -93,7 +95,8 @@ class LLMMagics(Magics, Configurable):
                 print(f"stopped {resolved}")
             elif args.backend:
                 options = options_from_args(extra)
-                info = self.manager.load(args.backend, args.model, name=args.name, **options)
+                model = options.pop("model", None) or args.model  # --model M reads as the positional MODEL
+                info = self.manager.load(args.backend, model, name=args.name, **options)
                 print(f"loaded {info.model} on {info.backend} as {info.name!r} ({info.device}, {info.dtype}); "
                       f"it is the default backend")
             else:
@@ -111,7 +114,8 @@ class LLMMagics(Magics, Configurable):
 
         rows = [{"name": b.name, "backend": b.backend, "model": b.model, "device": b.device, "dtype": b.dtype,
                  "default": b.default, "state": b.state, "running": b.running, "waiting": b.waiting,
-                 "tokens/s": b.tokens_per_s} for b in self.manager.backends()]
+                 "tokens/s": b.tokens_per_s, "batching": b.batching,
+                 "details": ", ".join(f"{k}={v}" for k, v in b.extra.items())} for b in self.manager.backends()]
         if not rows:
             return {"text/plain": "No backend loaded. Load one with %llm_backend hf (or native)."}
         return table_bundle(rows, title="Loaded backends")
@@ -204,6 +208,82 @@ class LLMMagics(Magics, Configurable):
                     for lp in (c.logprobs or [])]
             if rows:
                 display(table_bundle(rows, title=f"logprobs (prompt {c.prompt_index}, sample {c.index})"), raw=True)
+
+    # --- %llm_serve ------------------------------------------------------------------------
+    @magic_arguments()
+    @serve_arguments
+    @argument("--status", action="store_true", help="show the servers running in this kernel")
+    @argument("--stop", action="store_true", help="stop the servers (or the one on --port) and free their ports")
+    @line_magic
+    def llm_serve(self, line: str) -> None:
+        """Serve the loaded models over an OpenAI-compatible HTTP API, in the background:
+        the kernel stays usable. Binds 127.0.0.1 unless --host says otherwise."""
+        from IPython.display import display
+
+        from .render import table_bundle
+        from .server import runner
+        from .server.settings import settings_from_args
+
+        args = _parse(self.llm_serve, line)
+        with self._errors_as_usage():
+            try:
+                if args.stop:
+                    stopped = runner.stop_servers(args.port)
+                    print("\n".join(f"stopped the server at {h.url}" for h in stopped) or "no server is running")
+                elif args.status:
+                    rows = [h.status() for h in runner.running_servers()]
+                    if rows:
+                        display(table_bundle(rows, title="Servers"), raw=True)
+                    else:
+                        print("no server is running")
+                else:
+                    settings = settings_from_args(args)
+                    handle = runner.start_server(self.manager, settings)
+                    if settings.warning:
+                        print(f"Warning: {settings.warning}")
+                    key_hint = f"${args.api_key_env}" if args.api_key_env else "YOUR-KEY" if args.api_key else None
+                    print(runner.banner(handle.url, self.manager.names(), self.manager.default, key_hint,
+                                        "Status: %llm_serve --status · stop: %llm_serve --stop"))
+            except runner.ServerError as error:
+                raise UsageError(str(error)) from None
+
+    # --- %llm_bench ---------------------------------------------------------------------
+    @magic_arguments()
+    @bench_arguments
+    @argument("-o", "--output", metavar="VAR", help="store the BenchResult in VAR")
+    @line_magic
+    def llm_bench(self, line: str) -> None:
+        """Benchmark loaded backends and OpenAI-compatible URLs: a table and inline charts."""
+        from IPython.display import Image, display
+
+        from .bench.charts import figure_png
+        from .bench.command import run_from_args
+
+        args = _parse(self.llm_bench, line)
+        with self._errors_as_usage():
+            result, compare = run_from_args(args, self.manager, self.shell.user_ns if self.shell else None)
+        display(result.table(), raw=True)
+        if not args.no_plot:
+            display(Image(figure_png(result.plot(compare))))
+        failed = [r for r in result.rows if r["errors"]]
+        for row in failed:
+            print(f"{row['target']} at {row['load']}: {row['errors']:g} failed requests, e.g. {row['error_examples'][0]}")
+        if args.output:
+            self.shell.user_ns[args.output] = result
+
+    # --- %llm_playground ------------------------------------------------------------------
+    @line_magic
+    def llm_playground(self, line: str) -> None:
+        """Show the sampling playground widget (jupyter_llm.Playground); the rest of the line
+        is its first prompt. With no backend loaded, the embedded model loads first, as for %%generate."""
+        from IPython.display import display
+
+        from .widgets import Playground
+
+        with self._errors_as_usage():
+            if not self.manager.names():
+                self._load_default()
+        display(Playground(prompt=line.strip()))
 
     # --- errors -------------------------------------------------------------------------
     def _errors_as_usage(self):

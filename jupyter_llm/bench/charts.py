@@ -3,6 +3,7 @@ render in JupyterLab, in nbconvert HTML and on GitHub."""
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ def _series(result: "BenchResult", metric: str) -> dict[str, tuple[list[float], 
 
 def plot_result(result: "BenchResult", compare: "BenchResult | None" = None):
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(13, 4), layout="constrained")
     ax_tp, ax_ttft, ax_itl = fig.subplots(1, 3)
@@ -44,8 +45,10 @@ def plot_result(result: "BenchResult", compare: "BenchResult | None" = None):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if kind == "concurrency":
+            levels = sorted({row["load_value"] for row in result.rows})
             ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.set_xticks(levels, [f"{v:g}" for v in levels])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     # ITL distribution of each target at its highest load
@@ -53,10 +56,11 @@ def plot_result(result: "BenchResult", compare: "BenchResult | None" = None):
     for key in result.samples:
         target, load = key.split("|", 1)
         top[target] = key  # rows are in load order, so the last key wins
-    labels = [k.replace("|", "\n") for k in top.values()]
+    labels = ["\n".join(textwrap.wrap(target, 14) + [key.split("|", 1)[1]]) for target, key in top.items()]
     data = [result.samples[k]["itl_ms"] or [float("nan")] for k in top.values()]
     if data:
         ax_itl.boxplot(data, tick_labels=labels, showfliers=False)
+        ax_itl.tick_params(axis="x", labelsize=8)
     ax_itl.set_title("Inter-token latency")
     ax_itl.set_ylabel("ms")
     ax_itl.grid(alpha=0.3)

@@ -11,7 +11,8 @@ from .workload import Workload, from_file, from_prompts, parse_length, synthetic
 
 BENCH_ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--backends",), {"help": "loaded backends, comma-separated (default: the default backend)"}),
-    (("--url",), {"action": "append", "help": "OpenAI-compatible base URL (repeatable)"}),
+    (("--url",), {"action": "append", "metavar": "[LABEL=]URL",
+                  "help": "OpenAI-compatible base URL, optionally labelled (repeatable)"}),
     (("--api-key",), {"help": "API key for --url targets (default: $OPENAI_API_KEY)"}),
     (("--model",), {"help": "model name for --url targets (default: the server's first model)"}),
     (("--num-prompts",), {"type": int, "default": 32}),
@@ -78,7 +79,9 @@ def build_targets(args: Any, manager: Any) -> list[Target]:
         names = [manager.resolve_name(None)]
     targets += [BackendTarget(manager, name) for name in names]
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    targets += [HTTPTarget(url, api_key, args.model) for url in args.url or []]
+    for spec in args.url or []:
+        label, _, url = spec.rpartition("=") if "=" in spec.split("://")[0] else ("", "", spec)
+        targets.append(HTTPTarget(url, api_key, args.model, label=label or None))
     return targets
 
 

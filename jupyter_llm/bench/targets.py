@@ -78,13 +78,14 @@ class BackendTarget:
 class HTTPTarget:
     """An OpenAI-compatible server: /v1/completions or /v1/chat/completions with stream=True."""
 
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600):
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600,
+                 label: str | None = None):
         import httpx
 
         self.base = url.rstrip("/")
         if not self.base.endswith("/v1"):
             self.base += "/v1"
-        self.label = url
+        self.label = label or url
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(headers=headers, timeout=timeout)

@@ -23,3 +23,16 @@ def test_quickstart(embedded_model):
     assert error_outputs(nb) == []
     answer = next(i for i, c in enumerate(nb.cells) if c.source.startswith("%%generate --chat --temperature 0"))
     assert "Paris" in cell_text(nb, answer)
+
+
+@pytest.mark.embedded
+def test_benchmarking(embedded_model):
+    nb = run(ROOT / "notebooks" / "03-benchmarking.ipynb")
+    assert error_outputs(nb) == []
+    bench = next(i for i, c in enumerate(nb.cells) if c.source.startswith("%llm_bench --backends native,hf,llamacpp"))
+    outputs = nb.cells[bench].outputs
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the charts are inline images"
+    table = cell_text(nb, bench)
+    for target in ("native", "hf", "llamacpp", "llama-cpp-python server"):
+        assert target in table
+    assert "failed requests" not in table

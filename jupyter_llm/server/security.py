@@ -1,0 +1,147 @@
+"""The guards in front of the routes: API keys (compared in constant time), per-key rate
+limits (token buckets), and a bound on request bodies. Plain ASGI middleware, so that they
+run before the body is read or parsed."""
+from __future__ import annotations
+
+import hmac
+import math
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .protocol import APIError
+
+ErrorSender = Callable[[APIError, Scope, Receive, Send], Any]
+
+
+class KeyChecker:
+    """Checks a presented key against every configured key, always comparing with all of
+    them, so that the time taken says nothing about which key or how much of it matched."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self._keys = [k.encode() for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def valid(self, presented: str) -> bool:
+        candidate = presented.encode("utf-8", "surrogateescape")
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+
+class TokenBucket:
+    """`rate` tokens per second, holding at most `burst`; a request takes one."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.updated = time.monotonic()
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else the seconds until one is available."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """One bucket per client key; the least recently seen buckets are dropped past
+    `max_clients`, so that memory stays bounded whatever the keys."""
+
+    def __init__(self, rate: float, burst: float | None = None, max_clients: int = 10_000):
+        self.rate, self.burst = rate, burst if burst is not None else max(1.0, rate)
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> float:
+        """0 when the request may go on, else the seconds to wait."""
+        with self._lock:
+            bucket = self._buckets.pop(client, None) or TokenBucket(self.rate, self.burst)
+            self._buckets[client] = bucket
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+            return bucket.take(time.monotonic())
+
+
+def bearer_token(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+class GuardMiddleware:
+    """On /v1 routes: a valid key when keys are set (401), then the rate limit (429).
+    On every route: bodies larger than `max_body_bytes` get 413."""
+
+    def __init__(self, app: ASGIApp, keys: KeyChecker, limiter: RateLimiter | None, max_body_bytes: int,
+                 send_error: ErrorSender):
+        self.app, self.keys, self.limiter = app, keys, limiter
+        self.max_body_bytes = max_body_bytes
+        self.send_error = send_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            if scope["path"].startswith("/v1"):
+                self._admit(scope)
+            receive = await self._bounded_body(scope, receive)
+        except APIError as error:
+            await self.send_error(error, scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _admit(self, scope: Scope) -> None:
+        token = bearer_token(scope)
+        if self.keys.enabled and not (token and self.keys.valid(token)):
+            raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+        if self.limiter is not None:
+            client = token if self.keys.enabled else (scope.get("client") or ("?",))[0]
+            wait = self.limiter.retry_after(client)
+            if wait > 0:
+                raise APIError(429, f"Rate limit reached ({self.limiter.rate:g} requests/s); retry in {wait:.2f} s",
+                               type="requests", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(math.ceil(wait))})
+
+    async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive:
+        """Read the whole body up to the bound (413 past it), then replay it to the app; later
+        receives (the disconnect) go to the server as usual."""
+        too_large = APIError(413, f"The request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return _replay([message], receive)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                raise too_large
+            if not message.get("more_body", False):
+                break
+        return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    async def replayed() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return replayed

@@ -1,0 +1,111 @@
+"""What a server is allowed to do, and the command-line options that set it: defined once
+for `%llm_serve` and `jupyter-llm serve`."""
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..params import ParamError
+
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0 picks a free port
+    api_keys: tuple[str, ...] = ()  # none: no key needed
+    rate_limit: float | None = None  # requests per second per key (or per client without keys)
+    max_queue: int = 256  # prompts in flight in this server; more get 503
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 1_000_000
+    max_n: int = 16  # most samples per prompt
+    max_tokens: int = 4096  # most tokens per sample (the model's context bounds it further)
+    shutdown_timeout: float = 5.0  # seconds in-flight requests get to finish on stop, then cancelled
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ParamError(f"--port must be in [0, 65535] (0 = a free port), got {self.port}")
+        if self.rate_limit is not None and not (math.isfinite(self.rate_limit) and self.rate_limit > 0):
+            raise ParamError(f"--rate-limit must be a positive number of requests per second, got {self.rate_limit}")
+        for name in ("max_queue", "max_body_bytes", "max_n", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ParamError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(not key for key in self.api_keys):
+            raise ParamError("an API key must not be empty")
+
+    @property
+    def public(self) -> bool:
+        """Whether the bind address is reachable from other machines."""
+        if self.host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: assume it resolves to a public address
+            return True
+
+    @property
+    def warning(self) -> str | None:
+        if self.public and not self.api_keys:
+            return (f"binding {self.host} without an API key: anyone who can reach this machine "
+                    f"can use the model (add --api-key-env VAR)")
+        return None
+
+
+def parse_rate(text: str) -> float:
+    """'10', '10/s', '600/min', '0.5/s' -> requests per second."""
+    number, _, unit = text.strip().partition("/")
+    seconds = {"": 1, "s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if unit not in seconds or not math.isfinite(value) or value <= 0:
+        raise ParamError(f"--rate-limit expects N/s or N/min with N > 0 (e.g. 5/s), got {text!r}")
+    return value / seconds[unit]
+
+
+SERVE_ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--host",), {"default": "127.0.0.1", "help": "address to bind (default 127.0.0.1: this machine only)"}),
+    (("--port",), {"type": int, "help": f"port (default {DEFAULT_PORT}; 0 picks a free one)"}),
+    (("--api-key",), {"action": "append", "metavar": "KEY", "help": "require this key (repeatable)"}),
+    (("--api-key-env",), {"metavar": "VAR", "help": "require the key held in environment variable VAR"}),
+    (("--rate-limit",), {"metavar": "N/s", "help": "requests per second per key (default: no limit)"}),
+    (("--max-queue",), {"type": int, "default": 256, "help": "prompts in flight before 503 (default 256)"}),
+    (("--cors",), {"action": "append", "metavar": "ORIGIN", "help": "allow browser calls from ORIGIN (repeatable)"}),
+]
+
+
+def serve_arguments(func: Callable) -> Callable:
+    """Decorator adding SERVE_ARGUMENTS to an IPython magic (inside @magic_arguments())."""
+    from IPython.core.magic_arguments import argument
+
+    for flags, kwargs in reversed(SERVE_ARGUMENTS):
+        func = argument(*flags, **kwargs)(func)
+    return func
+
+
+def add_serve_arguments(parser: Any) -> None:
+    for flags, kwargs in SERVE_ARGUMENTS:
+        parser.add_argument(*flags, **kwargs)
+
+
+def settings_from_args(args: Any) -> ServerSettings:
+    keys = list(args.api_key or [])
+    if args.api_key_env:
+        value = os.environ.get(args.api_key_env, "")
+        if not value:
+            raise ParamError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+        keys.append(value)
+    return ServerSettings(
+        host=args.host,
+        port=DEFAULT_PORT if args.port is None else args.port,
+        api_keys=tuple(keys),
+        rate_limit=parse_rate(args.rate_limit) if args.rate_limit else None,
+        max_queue=args.max_queue,
+        cors_origins=tuple(args.cors or ()),
+    )
