@@ -245,16 +245,16 @@ class InProcessBackend(Backend):
             for seq in list(live.values()):
                 self._end(seq, live, seq.processor.abort("error", message))
             return
-        now = time.monotonic()
+        # Count before sending: a caller that sees its last event must also see its tokens counted.
+        with self._recent_lock:
+            self._tokens_generated += len(outputs)
+            self._recent.append((time.monotonic(), len(outputs)))
         for seq, token_id, logprob in outputs:
             event = seq.processor.append(token_id, logprob)
             if seq.processor.finished:
                 self._end(seq, live, event)
             else:
                 seq.sink(event)
-        with self._recent_lock:
-            self._tokens_generated += len(outputs)
-            self._recent.append((now, len(outputs)))
 
     # --- stats --------------------------------------------------------------------------
     def recent_tokens_per_s(self, window: float = 5.0) -> float:
