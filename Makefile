@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up first (scripts/setup.sh, idempotent).
-.PHONY: setup quickstart test
+.PHONY: setup quickstart test test-browser
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -15,3 +15,7 @@ quickstart: setup
 test: setup
 	npm --prefix labextension test --silent
 	.venv/bin/python -m pytest -q
+
+# JupyterLab + headless Chromium tests (playground widget, labextension); not yet in `make test`.
+test-browser: setup
+	.venv/bin/python -m pytest -q tests/browser

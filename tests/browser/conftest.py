@@ -91,7 +91,9 @@ def jupyter_lab(tmp_path_factory) -> Lab:
             process.wait(10)
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API runs an event loop in the main thread while it is open,
+# which would break asyncio.run() in every test collected after the browser tests.
+@pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"Debian's Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
@@ -118,3 +120,4 @@ def screenshots(tmp_path) -> Path:
     folder = (ROOT / target) if target else tmp_path
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
