@@ -53,7 +53,10 @@ class FakeManager:
         return self.inflight_count
 
 
-def test_status_without_manager_and_with():
+def test_status_without_manager_and_with(monkeypatch):
+    import jupyter_llm.manager
+
+    monkeypatch.setattr(jupyter_llm.manager, "_manager", None)  # other tests may have created one
     assert labext.status(None, lambda: None) == {
         "type": "status", "loaded": True, "default": None, "backend": None, "model": None, "running": 0,
         "waiting": 0, "tokens_per_s": 0.0, "backends": 0, "server_url": None}
