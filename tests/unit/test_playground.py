@@ -78,7 +78,8 @@ def slow_steps(manager, tiny_hf):
     engine.step = original
 
 
-def test_traits_round_trip_sampling_params(tiny_hf):
+def test_traits_round_trip_sampling_params(manager, tiny_hf):
+    manager.use(tiny_hf)  # other tests may have loaded a later default
     widget = Playground()
     assert widget.backend == tiny_hf and tiny_hf in widget.backends and widget.error == ""
     params = SamplingParams(max_tokens=7, temperature=0.3, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1,
