@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -22,6 +23,25 @@ class BackendError(RuntimeError):
 
 class BackendUnavailable(BackendError):
     """The backend's package or hardware is missing; the message says how to get it."""
+
+
+def missing_packages(*modules: str) -> list[str]:
+    """The modules among `modules` that are not installed (looked up without importing them)."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def package_availability(install_hint: str, *modules: str) -> tuple[bool, str]:
+    """`Backend.availability` for what `modules` provide: (True, "") when all are installed,
+    else (False, "missing a, b: <install_hint>")."""
+    missing = missing_packages(*modules)
+    return (not missing, f"missing {', '.join(missing)}: {install_hint}" if missing else "")
+
+
+def check_prompt_fits(prompt_tokens: int, max_model_len: int) -> None:
+    """Refuse a prompt that leaves no room for one generated token in the context."""
+    if prompt_tokens >= max_model_len:
+        raise ParamError(f"the prompt has {prompt_tokens} tokens; this model accepts at most "
+                         f"{max_model_len - 1} prompt tokens (max_model_len {max_model_len})")
 
 
 @dataclass(frozen=True)

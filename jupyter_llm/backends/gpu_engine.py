@@ -1,27 +1,56 @@
 """What the in-process GPU backends (vllm, trtllm) share: the package and GPU checks that
-fail in one line, building an engine outside any running event loop, and turning an
-engine's cumulative per-sample outputs into TokenEvents."""
+fail in one line, the options and SamplingParams fields both engines name alike, building
+an engine outside any running event loop, and turning an engine's cumulative per-sample
+outputs into TokenEvents."""
 from __future__ import annotations
 
-import importlib.util
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, ClassVar, Iterable, TypeVar
 
-from ..params import GenerationRequest, Message, ParamError, TokenEvent, TokenLogprob
+from ..params import GenerationRequest, Message, ParamError, SamplingParams, TokenEvent, TokenLogprob
 from ..tokens import Tokenizer
+from .base import Backend, BackendOptions, check_prompt_fits, missing_packages
 from .rate import TokenMeter
 
 T = TypeVar("T")
 
 
-def availability(package: str, install_hint: str) -> tuple[bool, str]:
-    """(True, "") when `package` is installed and torch sees a CUDA GPU; else why not, in one line."""
-    if importlib.util.find_spec(package) is None:
-        return False, f"the {package} package is not installed: {install_hint}"
-    if importlib.util.find_spec("torch") is None:
-        return False, f"torch is not installed ({package} needs it): {install_hint}"
-    return cuda_reason()
+@dataclass
+class GPUEngineOptions(BackendOptions):
+    """The options both engines take; each backend extends this dataclass with its own."""
+
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+
+
+def shared_engine_kwargs(model: str, options: GPUEngineOptions, optional: Iterable[str]) -> dict[str, Any]:
+    """The engine's keyword arguments for the shared options and those of `optional` that are
+    set; options left unset keep the engine's defaults."""
+    if options.tensor_parallel_size < 1:
+        raise ParamError(f"--tensor-parallel-size must be >= 1, got {options.tensor_parallel_size}")
+    kwargs: dict[str, Any] = {"model": model, "tensor_parallel_size": options.tensor_parallel_size,
+                              "dtype": options.dtype}
+    kwargs.update({name: getattr(options, name) for name in optional if getattr(options, name) is not None})
+    return kwargs
+
+
+def memory_fraction(options: GPUEngineOptions, name: str) -> float:
+    """The option `name`, a fraction of GPU memory, checked to be in (0, 1]."""
+    value = getattr(options, name)
+    if not 0 < value <= 1:
+        raise ParamError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
+    return value
+
+
+def shared_sampling_kwargs(params: SamplingParams, **engine_values: Any) -> dict[str, Any]:
+    """The engine's SamplingParams keyword arguments: both engines name every field as we do;
+    `engine_values` replace the few an engine spells differently (how a filter is turned off)."""
+    return {"n": params.n, "max_tokens": params.max_tokens, "temperature": params.temperature,
+            "top_p": params.top_p, "top_k": params.top_k, "min_p": params.min_p,
+            "repetition_penalty": params.repetition_penalty, "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty, "seed": params.seed, "stop": list(params.stop),
+            "ignore_eos": params.ignore_eos, "logprobs": params.logprobs, **engine_values}
 
 
 def cuda_reason() -> tuple[bool, str]:
@@ -163,7 +192,36 @@ class TokenizerServices:
 
     def prompt_ids_within_context(self, request: GenerationRequest) -> list[int]:
         prompt_ids = self.tokenizer.prompt_ids(request)
-        if len(prompt_ids) >= self._max_model_len:
-            raise ParamError(f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
-                             f"{self._max_model_len - 1} prompt tokens (max_model_len {self._max_model_len})")
+        check_prompt_fits(len(prompt_ids), self._max_model_len)
         return prompt_ids
+
+
+class GPUEngineBackend(TokenizerServices, Backend):
+    """A Backend over an in-process GPU engine: the package and GPU check, the token meter,
+    a request's prompt ids and output tracker, and the stats both engines report."""
+
+    package: ClassVar[str]  # the engine's import name
+
+    def __init__(self, model: str | None = None, **options: Any):
+        super().__init__(model, **options)
+        self.meter = TokenMeter()
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(True, "") when the package is installed and torch sees a CUDA GPU; else why not, in one line."""
+        if missing_packages(cls.package):
+            return False, f"the {cls.package} package is not installed: {cls.install_hint}"
+        if missing_packages("torch"):
+            return False, f"torch is not installed ({cls.package} needs it): {cls.install_hint}"
+        return cuda_reason()
+
+    def open_request(self, request: GenerationRequest) -> tuple[list[int], OutputTracker]:
+        """Check `request`; its prompt ids and the tracker that turns its outputs into events."""
+        self.check_request(request)
+        prompt_ids = self.prompt_ids_within_context(request)
+        p = request.params
+        return prompt_ids, OutputTracker(request.id, p.n, p.logprobs or 0, p.logprobs is not None)
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": self.meter.running, "waiting": 0, "tokens_per_s": self.meter.tokens_per_s(),
+                "tokens_generated": self.meter.tokens_generated}

@@ -16,7 +16,7 @@ from typing import Any
 from ..params import ParamError
 from ..sampling import Sampler
 from ..tokens import Tokenizer
-from .base import BackendError, BackendOptions, Capabilities
+from .base import BackendError, BackendOptions, Capabilities, package_availability
 from .inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -168,10 +168,7 @@ class HFBackend(InProcessBackend):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        import importlib.util
-
-        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-        return (not missing, f"missing {', '.join(missing)}: {cls.install_hint}" if missing else "")
+        return package_availability(cls.install_hint, "torch", "transformers")
 
     def load(self, progress: bool = True) -> None:
         import torch

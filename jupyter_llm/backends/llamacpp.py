@@ -12,13 +12,12 @@ FIFO queue; the n samples of a request run one after the other.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from ..sampling import Sampler
-from .base import BackendError, BackendOptions, Capabilities
+from .base import BackendError, BackendOptions, Capabilities, package_availability
 from .gguf_tokenizer import gguf_tokenizer
 from .inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
 
@@ -107,8 +106,7 @@ class LlamaCppBackend(InProcessBackend):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        missing = [m for m in ("llama_cpp", "torch") if importlib.util.find_spec(m) is None]
-        return (not missing, f"missing {', '.join(missing)}: {cls.install_hint}" if missing else "")
+        return package_availability(cls.install_hint, "llama_cpp", "torch")
 
     def load(self, progress: bool = True) -> None:
         import llama_cpp

@@ -15,7 +15,6 @@ every row is done; then the generator and its KV cache are freed.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections import deque
@@ -25,7 +24,7 @@ from typing import Any
 
 from ..params import ParamError
 from ..sampling import Sampler
-from .base import BackendError, BackendOptions, Capabilities
+from .base import BackendError, BackendOptions, Capabilities, package_availability
 from .inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
 from .onnx_export import PRECISIONS, PROVIDERS, export_folder, export_metadata, is_genai_folder
 
@@ -155,9 +154,9 @@ class ONNXBackend(InProcessBackend):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        missing = [m for m in ("onnxruntime_genai", "torch", "transformers") if importlib.util.find_spec(m) is None]
-        if missing:
-            return False, f"missing {', '.join(missing)}: {cls.install_hint}"
+        ok, reason = package_availability(cls.install_hint, "onnxruntime_genai", "torch", "transformers")
+        if not ok:
+            return ok, reason
         import onnxruntime_genai as og
 
         needed = ("append_tokens", "get_logits", "set_logits")

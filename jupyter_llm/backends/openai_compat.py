@@ -26,7 +26,7 @@ import httpx
 
 from ..params import GenerationRequest, Message, ParamError, TokenEvent, TokenLogprob
 from ..tokens import StopMatcher, Tokenizer
-from .base import Backend, BackendError, BackendOptions, Capabilities
+from .base import Backend, BackendError, BackendOptions, Capabilities, check_prompt_fits, package_availability
 from .http_resilience import CONNECTION_ERRORS, CircuitBreaker, RetryPolicy, send_with_retries
 from .openai_wire import (DIALECTS, TOKEN_ID_OWNERS, Delta, capabilities_for, detect_dialect, error_message,
                           parse_chunk, refusal_error, refusals, request_body, sse_payload)
@@ -103,10 +103,7 @@ class OpenAIBackend(Backend):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        import importlib.util
-
-        ok = importlib.util.find_spec("httpx") is not None
-        return ok, "" if ok else f"missing httpx: {cls.install_hint}"
+        return package_availability(cls.install_hint, "httpx")
 
     # --- life cycle -------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -188,9 +185,7 @@ class OpenAIBackend(Backend):
         if self.tokenizer is None or (request.is_chat and not self.tokenizer.has_chat_template):
             return len(request.prompt_token_ids) if request.prompt_token_ids is not None else None
         count = len(self.tokenizer.prompt_ids(request))
-        if count >= self.max_model_len:
-            raise ParamError(f"the prompt has {count} tokens; this model accepts at most {self.max_model_len - 1} "
-                             f"prompt tokens (max_model_len {self.max_model_len})")
+        check_prompt_fits(count, self.max_model_len)
         return count
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:

@@ -11,18 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
-from ..params import GenerationRequest, ParamError, SamplingParams, TokenEvent
+from ..params import GenerationRequest, SamplingParams, TokenEvent
 from ..tokens import Tokenizer
-from .base import Backend, BackendOptions, Capabilities
-from .gpu_engine import OutputTracker, TokenizerServices, availability, build_outside_loop, stream_events
-from .rate import TokenMeter
+from .base import Capabilities
+from .gpu_engine import (GPUEngineBackend, GPUEngineOptions, build_outside_loop, memory_fraction,
+                         shared_engine_kwargs, shared_sampling_kwargs, stream_events)
 
 INSTALL_HINT = "pip install 'jupyter-llm[vllm]'"
 
 
 @dataclass
-class VLLMOptions(BackendOptions):
-    tensor_parallel_size: int = 1
+class VLLMOptions(GPUEngineOptions):
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None  # default: the model's
     enable_prefix_caching: bool | None = None  # None: vLLM's default
@@ -30,7 +29,6 @@ class VLLMOptions(BackendOptions):
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     quantization: str | None = None  # awq, gptq, fp8, ...
-    dtype: str = "auto"
 
 
 _OPTIONAL = ("max_model_len", "enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens",
@@ -39,23 +37,14 @@ _OPTIONAL = ("max_model_len", "enable_prefix_caching", "enable_chunked_prefill",
 
 def engine_kwargs(model: str, options: VLLMOptions) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments; options left unset keep vLLM's defaults."""
-    if options.tensor_parallel_size < 1:
-        raise ParamError(f"--tensor-parallel-size must be >= 1, got {options.tensor_parallel_size}")
-    if not 0 < options.gpu_memory_utilization <= 1:
-        raise ParamError(f"--gpu-memory-utilization must be in (0, 1], got {options.gpu_memory_utilization}")
-    kwargs: dict[str, Any] = {"model": model, "tensor_parallel_size": options.tensor_parallel_size,
-                              "gpu_memory_utilization": options.gpu_memory_utilization, "dtype": options.dtype}
-    kwargs.update({name: getattr(options, name) for name in _OPTIONAL if getattr(options, name) is not None})
+    kwargs = shared_engine_kwargs(model, options, _OPTIONAL)
+    kwargs["gpu_memory_utilization"] = memory_fraction(options, "gpu_memory_utilization")
     return kwargs
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """vllm.SamplingParams keyword arguments, field by field (vLLM disables top_k with -1)."""
-    return {"n": params.n, "max_tokens": params.max_tokens, "temperature": params.temperature,
-            "top_p": params.top_p, "top_k": params.top_k or -1, "min_p": params.min_p,
-            "repetition_penalty": params.repetition_penalty, "presence_penalty": params.presence_penalty,
-            "frequency_penalty": params.frequency_penalty, "seed": params.seed, "stop": list(params.stop),
-            "ignore_eos": params.ignore_eos, "logprobs": params.logprobs}
+    return shared_sampling_kwargs(params, top_k=params.top_k or -1)
 
 
 def _config_value(engine: Any, section: str, name: str) -> Any:
@@ -68,21 +57,17 @@ def _config_value(engine: Any, section: str, name: str) -> Any:
     return None
 
 
-class VLLMBackend(TokenizerServices, Backend):
+class VLLMBackend(GPUEngineBackend):
     kind = "vllm"
     description = "vLLM in process (NVIDIA GPU): continuous batching, paged attention, tensor parallel"
+    package = "vllm"
     install_hint = INSTALL_HINT
     options_class = VLLMOptions
     capabilities = Capabilities(batching="continuous", devices=("cuda",))
 
     def __init__(self, model: str | None = None, **options: Any):
         super().__init__(model, **options)
-        self.meter = TokenMeter()
         self.engine: Any = None
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        return availability("vllm", INSTALL_HINT)
 
     def load(self, progress: bool = True) -> None:
         from ..models import ensure_hf_folder, resolve_model
@@ -120,12 +105,9 @@ class VLLMBackend(TokenizerServices, Backend):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         from vllm import SamplingParams as VLLMSamplingParams
 
-        self.check_request(request)
-        prompt_ids = self.prompt_ids_within_context(request)
-        p = request.params
-        tracker = OutputTracker(request.id, p.n, p.logprobs or 0, p.logprobs is not None)
+        prompt_ids, tracker = self.open_request(request)
         outputs = self.engine.generate({"prompt_token_ids": prompt_ids},
-                                       VLLMSamplingParams(**sampling_kwargs(p)), request.id)
+                                       VLLMSamplingParams(**sampling_kwargs(request.params)), request.id)
         try:
             async for event in stream_events(outputs, tracker, len(prompt_ids), self.meter):
                 yield event
@@ -135,6 +117,5 @@ class VLLMBackend(TokenizerServices, Backend):
                 await self.engine.abort(request.id)
 
     def stats(self) -> dict[str, Any]:
-        return {"running": self.meter.running, "waiting": 0, "tokens_per_s": self.meter.tokens_per_s(),
-                "tokens_generated": self.meter.tokens_generated, "prefix_cache": self.capabilities.prefix_cache,
+        return {**super().stats(), "prefix_cache": self.capabilities.prefix_cache,
                 "tensor_parallel": self.options.tensor_parallel_size}  # type: ignore[attr-defined]

@@ -64,6 +64,10 @@ def test_trtllm_llm_and_kv_cache_arguments():
     assert trtllm.kv_cache_kwargs(options) == {"enable_block_reuse": False, "free_gpu_memory_fraction": 0.7}
     with pytest.raises(ParamError, match="free-gpu-memory-fraction"):
         trtllm.kv_cache_kwargs(trtllm.TRTLLMOptions(free_gpu_memory_fraction=0))
+    with pytest.raises(ParamError, match="tensor-parallel-size must be >= 1, got 0"):
+        trtllm.llm_kwargs("/engine", trtllm.TRTLLMOptions(tensor_parallel_size=0))
+    with pytest.raises(ParamError, match="tensor-parallel-size must be >= 1, got 0"):
+        vllm.engine_kwargs("/m", vllm.VLLMOptions(tensor_parallel_size=0))
 
 
 @pytest.mark.parametrize("kind, package", [("vllm", "vllm"), ("trtllm", "tensorrt_llm")])
@@ -100,6 +104,12 @@ def test_capability_records():
         caps = cls.capabilities
         assert caps.batching == "continuous" and caps.devices == ("cuda",)
         assert caps.logprobs and caps.seeds and caps.penalties and caps.top_k and caps.min_p
+
+
+def test_stats_keys_and_order():
+    common = ["running", "waiting", "tokens_per_s", "tokens_generated"]
+    assert list(vllm.VLLMBackend().stats()) == common + ["prefix_cache", "tensor_parallel"]
+    assert list(trtllm.TRTLLMBackend().stats()) == common + ["kv_block_reuse", "tensor_parallel"]
 
 
 # --- fake engines -------------------------------------------------------------------------
