@@ -157,16 +157,24 @@ class Sampler:
             token_ids = logits.argmax(dim=-1).tolist()  # the common greedy case: no distribution needed
         else:
             token_ids = draw(processed_probs(logits, states), states).tolist()
-        logprobs: list[tuple[float, list[int], list[float]] | None] = [None] * len(states)
-        wanted = [row for row, s in enumerate(states) if s.params.logprobs is not None]
-        if wanted:
-            raw = torch.log_softmax(logits[wanted].float(), dim=-1)
-            for i, row in enumerate(wanted):
-                k = states[row].params.logprobs
-                top = raw[i].topk(k) if k else None
-                logprobs[row] = (float(raw[i, token_ids[row]]),
-                                 top.indices.tolist() if top is not None else [],
-                                 top.values.tolist() if top is not None else [])
+        logprobs = token_logprobs(logits, token_ids, [s.params.logprobs for s in states])
         for state, token in zip(states, token_ids):
             state.append(token)
         return SampleOutput(token_ids, logprobs)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int],
+                   num_top: list[int | None]) -> list[tuple[float, list[int], list[float]] | None]:
+    """Per row: (logprob of its token, top ids, top logprobs) under the raw distribution
+    (log-softmax of the logits), or None where num_top is None (not asked for)."""
+    logprobs: list[tuple[float, list[int], list[float]] | None] = [None] * len(token_ids)
+    wanted = [row for row, k in enumerate(num_top) if k is not None]
+    if wanted:
+        raw = torch.log_softmax(logits[wanted].float(), dim=-1)
+        for i, row in enumerate(wanted):
+            k = num_top[row]
+            top = raw[i].topk(k) if k else None
+            logprobs[row] = (float(raw[i, token_ids[row]]),
+                             top.indices.tolist() if top is not None else [],
+                             top.values.tolist() if top is not None else [])
+    return logprobs

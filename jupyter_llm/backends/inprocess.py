@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from ..params import GenerationRequest, Message, ParamError, TokenEvent
 from ..sampling import SamplingState
 from ..tokens import SampleOutputProcessor, Tokenizer
-from .base import Backend
+from .base import Backend, check_prompt_fits
 
 log = logging.getLogger(__name__)
 _seq_ids = itertools.count()
@@ -73,8 +73,9 @@ class StepEngine(ABC):
 
     @abstractmethod
     def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
-        """Run one forward over the scheduled sequences; one sampled token per sequence that
-        produced one (a sequence still in a chunked prefill produces none)."""
+        """Run one forward over the scheduled sequences; the sampled tokens in order: one per
+        sequence that produced one (none for a sequence still in a chunked prefill, several
+        for one whose speculative guesses were accepted)."""
 
     @abstractmethod
     def counts(self) -> tuple[int, int]:
@@ -139,9 +140,7 @@ class InProcessBackend(Backend):
         prompt_ids = self.tokenizer.prompt_ids(request)
         if not prompt_ids:
             raise ParamError("the prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ParamError(f"the prompt has {len(prompt_ids)} tokens; this model accepts at most "
-                             f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})")
+        check_prompt_fits(len(prompt_ids), self.max_model_len)
         return prompt_ids
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -250,6 +249,8 @@ class InProcessBackend(Backend):
             self._tokens_generated += len(outputs)
             self._recent.append((time.monotonic(), len(outputs)))
         for seq, token_id, logprob in outputs:
+            if seq.seq_id not in live:  # ended by an earlier token of this step (speculative steps emit several)
+                continue
             event = seq.processor.append(token_id, logprob)
             if seq.processor.finished:
                 self._end(seq, live, event)

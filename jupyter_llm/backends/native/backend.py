@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...params import ParamError
 from ...sampling import Sampler
-from ..base import BackendError, BackendOptions, Capabilities
+from ..base import BackendError, BackendOptions, Capabilities, package_availability
 from ..inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,27 @@ class NativeOptions(BackendOptions):
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int | None = None  # tokens per step (default 512 on CPU, 2048 on CUDA)
     max_model_len: int | None = None  # prompt + output tokens (default: the model's context)
+    # Speculative decoding (see speculative.py); vLLM's speculative_config dict is accepted too.
+    speculative: str | None = None  # ngram | draft
+    speculative_config: dict | str | None = None
+    num_speculative_tokens: int | None = None  # guesses per step (default 5)
+    prompt_lookup_min: int | None = None  # ngram: shortest suffix to look up (default 1)
+    prompt_lookup_max: int | None = None  # ngram: longest suffix to look up (default 4)
+    draft_model: str | None = None  # draft: a model with the target's tokenizer (default: the target itself)
+    draft_quantization: str | None = None  # draft: int8
+    speculative_disable_by_batch_size: int | None = None  # no guesses while more sequences run
 
 
 class NativeStepEngine(StepEngine):
-    """Continuous batching: one forward per step over every scheduled chunk."""
+    """Continuous batching: one forward per step over every scheduled chunk, with speculative
+    guesses verified in that same forward when a `Speculator` is given."""
 
-    def __init__(self, runner: Any, scheduler: Any) -> None:
+    def __init__(self, runner: Any, scheduler: Any, speculator: Any = None) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.blocks = scheduler.blocks
         self.sampler = Sampler()
+        self.speculator = speculator
         self.steps = 0
 
     def add(self, seq: Sequence) -> None:
@@ -77,6 +89,8 @@ class NativeStepEngine(StepEngine):
 
     def remove(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.remove(seq.seq_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -88,40 +102,105 @@ class NativeStepEngine(StepEngine):
         blocks = self.blocks
         total = blocks.num_total_blocks()
         queries = blocks.prefix_cache_queries
-        return {
+        stats = {
             "kv_blocks_used": total - blocks.num_free_blocks(),
             "kv_blocks_total": total,
             "prefix_cache_hit_rate": round(blocks.prefix_cache_hits / queries, 3) if queries else 0.0,
             "preemptions": self.scheduler.num_preemptions,
         }
+        if self.speculator is not None:
+            stats["speculative"] = self.speculator.config.describe()
+            stats.update(self.speculator.stats.as_dict())
+        return stats
 
     def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
         from .runner import StepItem
 
-        out = self.scheduler.schedule()
+        started = time.perf_counter()  # the speed-up estimate counts the proposer's time too
+        proposals, base_len = self._propose()
+        out = self.scheduler.schedule({sid: p.tokens for sid, p in proposals.items()} if proposals else None)
         if not out.chunks:
+            self._roll_back_draft(proposals, base_len, {})
             return []
         blocks = self.blocks
-        items = [StepItem(c.seq.seq_id, c.tokens[c.start:c.end], c.start, blocks.block_table(c.seq.seq_id),
-                          blocks.slot_mapping(c.seq.seq_id, c.start, c.end)) for c in out.chunks]
+        items = [StepItem(c.seq.seq_id, c.token_ids, c.start, blocks.block_table(c.seq.seq_id),
+                          blocks.slot_mapping(c.seq.seq_id, c.start, c.start + c.num_tokens)) for c in out.chunks]
+        guessing = any(c.guesses for c in out.chunks)
+        sampling = [c for c in out.chunks if c.samples]  # before commit, which extends the tokens
         try:
-            logits = self.runner.run(items)
-            rows = [i for i, c in enumerate(out.chunks) if c.samples]
-            seqs = [out.chunks[i].seq for i in rows]
-            if not rows:
-                self.scheduler.commit(out, [])
-                return []
-            if len(rows) != len(items):
-                logits = logits[rows]
+            num_logits = [1 + len(c.guesses) if c.samples else 1 for c in out.chunks] if guessing else None
+            logits = self.runner.run(items, num_logits=num_logits)
             if logits.device.type != "cpu":  # the shared sampler's per-row tensors live on the CPU
                 logits = logits.cpu()
-            token_ids, logprobs = self._sample(logits, seqs)
+            emitted = self._emit(out.chunks, logits, proposals)
         except BaseException:
             self.scheduler.abort(out)
+            self._roll_back_draft(proposals, base_len, {})
             raise
-        self.scheduler.commit(out, token_ids)
+        self.runner.kv_pool.copy_blocks(self.scheduler.commit(out, [tokens for tokens, _ in emitted.values()]))
         self.steps += 1
-        return list(zip(seqs, token_ids, logprobs))
+        results = []
+        for chunk in sampling:
+            tokens, logprobs = emitted[chunk.seq.seq_id]
+            results += [(chunk.seq, token, logprob) for token, logprob in zip(tokens, logprobs)]
+        if self.speculator is not None:
+            accepted = {c.seq.seq_id: len(emitted[c.seq.seq_id][0]) - 1 for c in sampling if c.guesses}
+            for chunk in sampling:
+                if chunk.guesses:
+                    self.speculator.verified(chunk.seq.seq_id, len(chunk.guesses), accepted[chunk.seq.seq_id])
+            self._roll_back_draft(proposals, base_len, accepted)
+            if all(c.end - c.start == 1 for c in out.chunks):  # decode-only steps measure the speed-up
+                self.speculator.stats.record_step(time.perf_counter() - started, len(results), guessing)
+        return results
+
+    def _propose(self) -> tuple[dict[int, Any], dict[int, int]]:
+        """This step's guesses by seq_id, and each guessed sequence's length before the step."""
+        if self.speculator is None:
+            return {}, {}
+        decoding = self.scheduler.decoding()
+        proposals = self.speculator.propose(decoding, self.scheduler.config.max_model_len)
+        return proposals, {seq.seq_id: len(tokens) for seq, tokens in decoding if seq.seq_id in proposals}
+
+    def _roll_back_draft(self, proposals: dict[int, Any], base_len: dict[int, int], accepted: dict[int, int]) -> None:
+        """Keep the draft model's K/V of the tokens that stay: those known before the step plus
+        the accepted guesses (none for a sequence whose guesses did not run)."""
+        for seq_id in proposals:
+            self.speculator.committed(seq_id, base_len[seq_id] + accepted.get(seq_id, 0))
+
+    def _emit(self, chunks: list[Any], logits: Any, proposals: dict[int, Any]) -> dict[int, tuple[list[int], list]]:
+        """The tokens (and logprobs) each sampling chunk emits, by seq_id. `logits` holds one row
+        per chunk, or 1 + len(guesses) rows for a sampling chunk with guesses."""
+        from ...sampling import token_logprobs
+        from .speculative import verify
+
+        emitted: dict[int, tuple[list[int], list]] = {}
+        plain_rows: list[int] = []
+        plain: list[Sequence] = []
+        row = 0
+        for chunk in chunks:
+            width = 1 + len(chunk.guesses) if chunk.samples and chunk.guesses else 1
+            if chunk.samples and chunk.guesses:
+                seq = chunk.seq
+                rows = logits[row:row + width]
+                proposal = proposals[seq.seq_id]
+                proposal.tokens = chunk.guesses  # the scheduler may have cut them to its budget
+                if proposal.probs is not None:
+                    proposal.probs = proposal.probs[:len(chunk.guesses)]
+                tokens = verify(rows, proposal, seq.sampling)
+                logprobs = token_logprobs(rows[:len(tokens)], tokens, [seq.params.logprobs] * len(tokens))
+                for token in tokens:
+                    seq.sampling.append(token)
+                emitted[seq.seq_id] = (tokens, logprobs)
+            elif chunk.samples:
+                plain_rows.append(row)
+                plain.append(chunk.seq)
+            row += width
+        if plain:
+            rows = logits if len(plain_rows) == logits.shape[0] else logits[plain_rows]
+            token_ids, logprobs = self._sample(rows, plain)
+            for seq, token, logprob in zip(plain, token_ids, logprobs):
+                emitted[seq.seq_id] = ([token], [logprob])
+        return {c.seq.seq_id: emitted[c.seq.seq_id] for c in chunks if c.samples}
 
     def _sample(self, logits: Any, seqs: list[Sequence]) -> tuple[list[int], list[LogprobEntry | None]]:
         """The shared sampler over blocks of SAMPLER_ROWS rows: every row is sampled on its own
@@ -138,22 +217,43 @@ class NativeStepEngine(StepEngine):
         return token_ids, logprobs
 
 
-def build_engine(model: Any, config: Any, *, num_blocks: int, block_size: int = 16,
-                 enable_prefix_caching: bool = True, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 max_model_len: int | None = None) -> NativeStepEngine:
-    """A step engine over `model`: a KV pool of `num_blocks` blocks in the model's dtype and device,
-    its BlockManager, a Scheduler and a ModelRunner (what `NativeBackend.load` builds; tests use it directly)."""
+def build_runner(model: Any, config: Any, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool) -> tuple[Any, Any]:
+    """A ModelRunner over a KV pool of `num_blocks` blocks in the model's dtype and device, and
+    the pool's BlockManager."""
     from .kv_cache import BlockManager, KVCachePool
     from .runner import ModelRunner
-    from .scheduler import Scheduler, SchedulerConfig
 
     param = next(model.parameters())  # the embedding: float even in an int8 model
     pool = KVCachePool.for_model(config, num_blocks, block_size, param.dtype, param.device)
-    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+    return ModelRunner(model, config, pool), BlockManager(num_blocks, block_size, enable_prefix_caching)
+
+
+def build_engine(model: Any, config: Any, *, num_blocks: int, block_size: int = 16,
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_model_len: int | None = None, speculative: Any = None, draft: tuple[Any, Any, int] | None = None
+                 ) -> NativeStepEngine:
+    """A step engine over `model`: its runner and KV pool, a Scheduler, and with a
+    `SpeculativeConfig` a Speculator (`draft`: the draft model, its config and its pool's
+    block count, for method "draft"). What `NativeBackend.load` builds; tests use it directly."""
+    from .scheduler import Scheduler, SchedulerConfig
+    from .speculative import DraftModelProposer, Speculator
+
+    runner, blocks = build_runner(model, config, num_blocks, block_size, enable_prefix_caching)
     scheduler = Scheduler(blocks, SchedulerConfig(max_num_seqs=max_num_seqs,
                                                   max_num_batched_tokens=max_num_batched_tokens,
                                                   max_model_len=max_model_len or config.max_position_embeddings))
-    return NativeStepEngine(ModelRunner(model, config, pool), scheduler)
+    speculator = None
+    if speculative is not None:
+        proposer = None
+        if speculative.method == "draft":
+            if draft is None:
+                raise ValueError("speculative method 'draft' needs the draft model")
+            draft_model, draft_config, draft_blocks = draft
+            proposer = DraftModelProposer(*build_runner(draft_model, draft_config, draft_blocks, block_size,
+                                                        enable_prefix_caching))
+        speculator = Speculator(speculative, proposer)
+    return NativeStepEngine(runner, scheduler, speculator)
 
 
 class NativeBackend(InProcessBackend):
@@ -165,10 +265,7 @@ class NativeBackend(InProcessBackend):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        import importlib.util
-
-        missing = [m for m in ("torch", "transformers", "safetensors") if importlib.util.find_spec(m) is None]
-        return (not missing, f"missing {', '.join(missing)}: {cls.install_hint}" if missing else "")
+        return package_availability(cls.install_hint, "torch", "transformers", "safetensors")
 
     def load(self, progress: bool = True) -> None:
         import torch
@@ -177,6 +274,7 @@ class NativeBackend(InProcessBackend):
         from ...progress import steps
         from ..hf import resolve_device
         from .kv_cache import KVCachePool
+        from .speculative import SpeculativeConfig
 
         options: NativeOptions = self.options  # type: ignore[assignment]
         if options.dtype not in DTYPES:
@@ -191,17 +289,27 @@ class NativeBackend(InProcessBackend):
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         if options.quantization == "int8" and (device_type != "cpu" or options.dtype != "float32"):
             raise ParamError("--quantization int8 runs on the CPU in float32 (use --device cpu --dtype float32)")
+        speculative = SpeculativeConfig.from_options(
+            options.speculative, options.speculative_config, num_speculative_tokens=options.num_speculative_tokens,
+            prompt_lookup_min=options.prompt_lookup_min, prompt_lookup_max=options.prompt_lookup_max,
+            draft_model=options.draft_model, draft_quantization=options.draft_quantization,
+            disable_by_batch_size=options.speculative_disable_by_batch_size)
+        if speculative is not None and speculative.draft_quantization == "int8" and device_type != "cpu":
+            raise ParamError("--draft-quantization int8 runs on the CPU (use --device cpu)")
         spec = resolve_model(self.model_arg)
         self.model_name = spec.name
         self.dtype = options.dtype if options.quantization is None else f"{options.quantization} ({options.dtype})"
         folder = ensure_hf_folder(spec, progress) if spec.kind != "hub" else _download(spec.path)
         with steps(progress, f"Loading {spec.name} (native)", 3) as bar:
             model, config, self.tokenizer = _load_weights_and_tokenizer(Path(folder), dtype, self.device)
+            draft = None
+            if speculative is not None and speculative.method == "draft":
+                draft = self._load_draft(speculative, model, config, dtype, progress)
             bar.update(1)
             if options.quantization == "int8":
-                from .quant import quantize_int8
+                from .quant import CALIBRATION_TEXT, quantize_int8
 
-                quantize_int8(model)
+                quantize_int8(model, self.tokenizer.encode(CALIBRATION_TEXT))
             bar.update(1)
             limit = config.max_position_embeddings
             if options.max_model_len is not None and not 1 < options.max_model_len <= limit:
@@ -229,22 +337,55 @@ class NativeBackend(InProcessBackend):
                 max_model_len = capacity
             self._max_model_len = max_model_len
             budget_tokens = options.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS[device_type]
+            draft_args = None
+            if draft is not None:  # the draft's pool: half the target's budget (no guesses when it is full)
+                draft_model, draft_config = draft
+                draft_dtype = next(draft_model.parameters()).dtype
+                draft_blocks = KVCachePool.num_blocks_for_budget(budget // 2, draft_config, block_size, draft_dtype)
+                draft_args = (draft_model, draft_config, max(draft_blocks, 2))
             engine = build_engine(model, config, num_blocks=num_blocks, block_size=block_size,
                                   enable_prefix_caching=options.enable_prefix_caching,
                                   max_num_seqs=options.max_num_seqs, max_num_batched_tokens=budget_tokens,
-                                  max_model_len=max_model_len)
+                                  max_model_len=max_model_len, speculative=speculative, draft=draft_args)
             bar.update(1)
         self.model = model
         self.model_config = config
         self.engine = engine
         release_free_memory()
-        if not options.enable_prefix_caching:
-            self.capabilities = Capabilities(batching="continuous", prefix_cache=False, speculative=False,
-                                             devices=("cpu", "cuda"))
+        self.capabilities = Capabilities(batching="continuous", prefix_cache=options.enable_prefix_caching,
+                                         speculative=speculative is not None, devices=("cpu", "cuda"))
+
+    def _load_draft(self, speculative: Any, target: Any, target_config: Any, dtype: Any,
+                    progress: bool) -> tuple[Any, Any]:
+        """The draft model: `--draft-model` (which must share the target's tokenizer) or a copy of
+        the target's weights; int8-quantized with `--draft-quantization int8`."""
+        import copy
+
+        from ...models import ensure_hf_folder, resolve_model
+
+        if speculative.draft_model is None:
+            draft, draft_config = copy.deepcopy(target), target_config
+        else:
+            spec = resolve_model(speculative.draft_model)
+            folder = ensure_hf_folder(spec, progress) if spec.kind != "hub" else _download(spec.path)
+            draft, draft_config, tokenizer = _load_weights_and_tokenizer(Path(folder), dtype, self.device)
+            if not same_vocabulary(tokenizer, self.tokenizer):
+                raise ParamError(f"the draft model {spec.name!r} does not share the target's tokenizer "
+                                 "(different vocabulary); speculative decoding needs the same token ids")
+        if speculative.draft_quantization == "int8":
+            from .quant import CALIBRATION_TEXT, quantize_int8
+
+            quantize_int8(draft, self.tokenizer.encode(CALIBRATION_TEXT))
+        return draft, draft_config
 
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two `Tokenizer`s map the same strings to the same ids."""
+    return len(a.hf) == len(b.hf) and a.hf.get_vocab() == b.hf.get_vocab()
 
 
 def release_free_memory() -> None:

@@ -36,11 +36,12 @@ class ModelRunner:
         self.device = kv_pool.k.device
 
     @torch.inference_mode()
-    def run(self, batch: Sequence[StepItem], all_logits: bool = False) -> torch.Tensor:
-        """Compute one step; return logits (float32, or float64 for a float64 model) of the last new token of each item, [B, V]
-        (for an item that is a mid-prompt chunk the caller ignores its row). With all_logits,
-        return the logits of every new token instead, [T, V] in batch order (speculative
-        verification uses this).
+    def run(self, batch: Sequence[StepItem], num_logits: Sequence[int] | None = None) -> torch.Tensor:
+        """Compute one step; return logits (float32, or float64 for a float64 model) of the last
+        new token of each item, [B, V] (for an item that is a mid-prompt chunk the caller ignores
+        its row). With `num_logits`, return the logits of the last num_logits[i] new tokens of
+        item i instead, concatenated in batch order (speculative verification needs every
+        guessed position).
 
         Single-token items (decodes) go first in the flat batch, sorted by context length, so
         that attention batches them with no reordering (see attention.py); rows come back in
@@ -69,10 +70,8 @@ class ModelRunner:
         ids = torch.tensor(input_ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         hidden = self.model(ids, pos, meta, self.kv_pool)
-        if all_logits:
-            rows = [starts[i] + j for i in range(len(batch)) for j in range(query_lens[i])]
-        else:
-            rows = [starts[i] + query_lens[i] - 1 for i in range(len(batch))]
+        wanted = num_logits or [1] * len(batch)
+        rows = [starts[i] + j for i in range(len(batch)) for j in range(query_lens[i] - wanted[i], query_lens[i])]
         if rows != list(range(len(input_ids))):
             hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
         logits = self.model.compute_logits(hidden)

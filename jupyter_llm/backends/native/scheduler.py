@@ -23,6 +23,12 @@ Every step, in this order:
 A sequence in a step samples a token only when the step computes its last known token
 (`ScheduledChunk.samples`); a chunk in the middle of a prompt produces none.
 
+**Speculative decoding.** `schedule(guesses)` takes guessed next tokens for decoding
+sequences (see speculative.py): such a decode computes its last token plus the guesses (a
+chunk of 1 + K tokens, within the token budget; the guesses are dropped before anything is
+preempted for them), and `commit` takes the tokens each sequence emitted, keeps the K/V of
+the accepted guesses and truncates the blocks of the rejected ones.
+
 The scheduler works on any object with `seq_id`, `prompt_ids` and `output_ids` (the engine's
 `Sequence`); it keeps its own copy of each sequence's tokens, extended by `commit`.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +82,7 @@ class ScheduledChunk:
     tokens: list[int]  # the sequence's tokens (the scheduler's list: read, don't modify)
     start: int
     end: int
+    guesses: list[int] = field(default_factory=list)  # speculative tokens computed after tokens[end - 1]
 
     @property
     def samples(self) -> bool:
@@ -83,7 +91,12 @@ class ScheduledChunk:
 
     @property
     def num_tokens(self) -> int:
-        return self.end - self.start
+        return self.end - self.start + len(self.guesses)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens this chunk computes."""
+        return self.tokens[self.start:self.end] + self.guesses
 
 
 @dataclass
@@ -94,7 +107,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.end - c.start for c in self.chunks)
+        return sum(c.num_tokens for c in self.chunks)
 
 
 class Scheduler:
@@ -128,6 +141,10 @@ class Scheduler:
     def tokens(self, seq: Any) -> list[int]:
         return self._entries[seq.seq_id].tokens
 
+    def decoding(self) -> list[tuple[Any, list[int]]]:
+        """(sequence, its tokens) of the running sequences whose next step is a decode."""
+        return [(e.seq, e.tokens) for e in self.running if len(e.tokens) - e.num_computed == 1]
+
     # -- life cycle -----------------------------------------------------------------------
 
     def add(self, seq: Any) -> None:
@@ -153,8 +170,9 @@ class Scheduler:
 
     # -- one step -------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, guesses: dict[int, list[int]] | None = None) -> SchedulerOutput:
         """Pick this step's chunks; their slots are reserved (append_slots) when this returns.
+        `guesses`: speculative tokens by seq_id, for sequences that decode (see `decoding`).
         Follow with `commit` once the step ran, or `abort` if it failed."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -165,6 +183,12 @@ class Scheduler:
             n = min(len(entry.tokens) - entry.num_computed, budget)
             end = entry.num_computed + n
             tokens = entry.tokens if end == len(entry.tokens) else entry.tokens[:end]
+            guess = self._fit_guess(entry, guesses, budget) if guesses and n == 1 and end == len(tokens) else []
+            if guess and blocks.append_slots(entry.seq_id, tokens + guess, n + len(guess)):
+                out.chunks.append(ScheduledChunk(entry.seq, entry.tokens, entry.num_computed, end, guess))
+                budget -= n + len(guess)
+                i += 1
+                continue
             while not blocks.append_slots(entry.seq_id, tokens, n):
                 victim = self.running[-1]  # the newest; never one already scheduled in this step
                 self._preempt(victim)
@@ -196,17 +220,27 @@ class Scheduler:
             budget -= n
         return out
 
-    def commit(self, out: SchedulerOutput, sampled: list[int]) -> None:
-        """The step ran: its chunks are computed, and `sampled` holds one new token for each
-        chunk that samples, in chunk order."""
-        tokens = iter(sampled)
+    def commit(self, out: SchedulerOutput, emitted: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+        """The step ran: its chunks are computed, and `emitted` holds the new tokens of each chunk
+        that samples, in chunk order: one token, or for a chunk with guesses the accepted
+        guesses plus one. Returns the KV block copies that `KVCachePool.copy_blocks` must apply
+        (copy-on-write after dropping rejected guesses; usually none)."""
+        copies: list[tuple[int, int]] = []
+        tokens = iter(emitted)
         for chunk in out.chunks:
+            new = next(tokens) if chunk.samples else ()
             entry = self._entries.get(chunk.seq.seq_id)
             if entry is None:
                 continue
-            entry.num_computed = chunk.end
-            if chunk.samples:
-                entry.tokens.append(next(tokens))
+            entry.tokens.extend(new)
+            accepted = max(len(new) - 1, 0) if chunk.guesses else 0
+            entry.num_computed = chunk.end + accepted
+            if accepted < len(chunk.guesses) and entry.running:
+                try:
+                    copies += self.blocks.truncate(entry.seq_id, entry.num_computed)
+                except RuntimeError:  # no block for the copy-on-write: recompute this sequence later
+                    self._preempt(entry)
+        return copies
 
     def abort(self, out: SchedulerOutput) -> None:
         """The step failed: forget the slots it announced (blocks it would have completed must
@@ -228,6 +262,14 @@ class Scheduler:
                 self.blocks.truncate(entry.seq_id, chunk.start)
 
     # -- internals ------------------------------------------------------------------------
+
+    def _fit_guess(self, entry: _Entry, guesses: dict[int, list[int]], budget: int) -> list[int]:
+        """The entry's guesses cut to the token budget and to max_model_len."""
+        guess = guesses.get(entry.seq_id)
+        if not guess:
+            return []
+        room = min(budget - 1, self.config.max_model_len - len(entry.tokens) - 1)
+        return list(guess[:max(room, 0)])
 
     def _preempt(self, entry: _Entry) -> None:
         self.running.remove(entry)

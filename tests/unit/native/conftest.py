@@ -77,7 +77,7 @@ class MiniEngine:
             items.append(StepItem(seq_id, self.tokens[seq_id][start:end], start, self.blocks.block_table(seq_id),
                                   self.blocks.slot_mapping(seq_id, start, end)))
             self.computed[seq_id] = end
-        logits = self.runner.run(items, all_logits=True)
+        logits = self.runner.run(items, num_logits=list(plan.values()))
         return dict(zip(plan, logits.split(list(plan.values()))))
 
 

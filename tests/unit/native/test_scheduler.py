@@ -44,7 +44,7 @@ def step(sched: Scheduler):
         if chunk.samples:
             token = token_for(chunk.seq)
             chunk.seq.output_ids.append(token)
-            sampled.append(token)
+            sampled.append([token])
     sched.commit(out, sampled)
     return out
 

@@ -1,0 +1,435 @@
+"""Speculative decoding for the native engine: proposers, verification and the bookkeeping around them.
+
+Each step, a cheap *proposer* guesses the next K tokens of every decoding sequence; the
+target model then computes its last token plus the K guesses in one forward (a K+1-token
+chunk inside the usual continuous batch), and `verify` keeps the longest prefix of guesses
+that the target agrees with, plus one token of the target's own: between 1 and K+1 tokens
+per sequence for the price of about one decode step, since a CPU decode is bound by reading
+the weights, not by the few extra tokens.
+
+Proposers, with vLLM's names:
+  * `ngram` (prompt lookup): the longest suffix of the sequence (prompt_lookup_max down to
+    prompt_lookup_min tokens) that occurred before; propose what followed it. Free, and very
+    good when the output copies the prompt (summaries, edits, code rewrites).
+  * `draft`: a smaller model with the same tokenizer, or the target's own int8 copy
+    (`--draft-quantization int8`), runs K decode steps over its own paged KV cache, kept in
+    step with the target's and rolled back to what was accepted.
+
+Verification follows speculative sampling (Leviathan et al. 2023, Chen et al. 2023): guess
+x_i drawn from the proposer's q is accepted with probability min(1, p(x_i) / q(x_i)), where
+p is the target's distribution after temperature, top-k, top-p and min-p; on the first
+rejection the token is drawn from max(0, p - q), renormalized; after K acceptances a bonus
+token comes from p. The output is distributed exactly as without speculation. An n-gram
+guess is deterministic (q is one-hot), and for greedy requests p is one-hot on the argmax, so
+greedy output is token for token the same as without speculation.
+
+Requests with repetition/presence/frequency penalties decode without guesses (the penalties
+would change between the guessed positions). Speculation backs off per sequence when its
+guesses keep failing, and for the whole batch above `disable_by_batch_size` sequences.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...params import ParamError
+from ...sampling import SamplingState, draw, processed_probs
+
+METHODS = ("ngram", "draft")
+# vLLM's speculative_config keys (and its method names) that mean something here.
+_CONFIG_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                "quantization", "disable_by_batch_size"}
+_METHOD_ALIASES = {"ngram": "ngram", "draft": "draft", "draft_model": "draft"}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str  # ngram | draft
+    num_speculative_tokens: int = 5
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    draft_model: str | None = None  # None with method draft: the target's own weights (quantized)
+    draft_quantization: str | None = None
+    disable_by_batch_size: int | None = None  # no guesses while more sequences than this run
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ParamError(f"unknown speculative method {self.method!r}; accepted: {', '.join(METHODS)}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ParamError(f"--num-speculative-tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ParamError("--prompt-lookup-min and --prompt-lookup-max must satisfy 1 <= min <= max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.draft_quantization not in (None, "int8"):
+            raise ParamError(f"unknown draft quantization {self.draft_quantization!r}; accepted: int8")
+        if self.method == "draft" and self.draft_model is None and self.draft_quantization is None:
+            raise ParamError("--speculative draft needs --draft-model M, or --draft-quantization int8 to draft "
+                             "with the target's own int8 copy")
+        if self.method == "ngram" and (self.draft_model or self.draft_quantization):
+            raise ParamError("--draft-model and --draft-quantization go with --speculative draft, not ngram")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ParamError(f"--speculative-disable-by-batch-size must be >= 1, got {self.disable_by_batch_size}")
+
+    @classmethod
+    def from_options(cls, speculative: str | None, speculative_config: dict | str | None, **fields: Any) -> SpeculativeConfig | None:
+        """The config from `--speculative` and friends, or from vLLM's `speculative_config` dict
+        (keys method, model, num_speculative_tokens, prompt_lookup_min/max, quantization,
+        disable_by_batch_size; a JSON string from a magic line). None when not speculating."""
+        if isinstance(speculative_config, str):
+            import json
+
+            try:
+                speculative_config = json.loads(speculative_config)
+            except ValueError as error:
+                raise ParamError(f"--speculative-config expects a JSON object, got {speculative_config!r}") from error
+        values = {k: v for k, v in fields.items() if v is not None}
+        if speculative_config is not None:
+            if not isinstance(speculative_config, dict):
+                raise ParamError(f"speculative_config must be a dict, got {type(speculative_config).__name__}")
+            unknown = sorted(set(speculative_config) - _CONFIG_KEYS)
+            if unknown:
+                raise ParamError(f"unknown speculative_config key(s) {', '.join(unknown)}; accepted: "
+                                 f"{', '.join(sorted(_CONFIG_KEYS))}")
+            config = dict(speculative_config)
+            method = config.pop("method", None) or ("draft" if config.get("model") or config.get("quantization") else None)
+            if speculative is None:
+                speculative = method
+            if "model" in config:
+                config["draft_model"] = config.pop("model")
+            if "quantization" in config:
+                config["draft_quantization"] = config.pop("quantization")
+            values = {**{k: v for k, v in config.items() if v is not None}, **values}
+        if speculative is None:
+            if values:
+                names = ", ".join("--" + k.replace("_", "-") for k in sorted(values))
+                raise ParamError(f"{names} need(s) --speculative ngram|draft")
+            return None
+        method = _METHOD_ALIASES.get(str(speculative).lower())
+        if method is None:
+            raise ParamError(f"unknown speculative method {speculative!r}; accepted: {', '.join(METHODS)}")
+        return cls(method=method, **values)
+
+    def describe(self) -> str:
+        if self.method == "ngram":
+            return f"ngram k={self.num_speculative_tokens} ({self.prompt_lookup_min}-{self.prompt_lookup_max})"
+        draft = self.draft_model or "self"
+        return f"draft {draft}{' int8' if self.draft_quantization else ''} k={self.num_speculative_tokens}"
+
+
+@dataclass
+class Proposal:
+    """Guessed next tokens of one sequence; `probs[i]` is the proposer's distribution that
+    tokens[i] was drawn from (None for a deterministic guess: q is one-hot)."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None  # [len(tokens), V], float32, rows sum to 1
+
+
+# -- proposers -------------------------------------------------------------------------
+
+
+def ngram_propose(tokens: Sequence[int], k: int, min_n: int = 1, max_n: int = 4) -> list[int]:
+    """Prompt lookup: find an earlier occurrence of the longest suffix of `tokens` (max_n down to
+    min_n tokens) and return up to k tokens that followed it ([] if none). Among occurrences of
+    that suffix the latest one with k tokens after it wins (in a repeating stretch, the very
+    latest is followed by fewer)."""
+    length = len(tokens)
+    if length < min_n + 1 or k < 1:
+        return []
+    arr = np.asarray(tokens)
+    # Candidates: earlier positions holding the last token (the suffix's own end excluded).
+    ends = np.flatnonzero(arr[: length - 1] == arr[-1])
+    best_end, best = -1, (0, 0)  # (match length, tokens after it, capped at k)
+    for end in ends[::-1]:  # latest first: on a tie the latest occurrence wins
+        n = 1
+        limit = min(max_n, end + 1)
+        while n < limit and arr[end - n] == arr[length - 1 - n]:
+            n += 1
+        score = (n, min(k, length - 1 - end))
+        if score > best:
+            best_end, best = int(end), score
+            if score == (max_n, k):
+                break
+    if best[0] < min_n:
+        return []
+    return arr[best_end + 1 : best_end + 1 + k].tolist()
+
+
+class DraftModelProposer:
+    """Guesses with a draft model over its own paged KV cache.
+
+    For each sequence the draft keeps how many of the sequence's tokens it has K/V for. A
+    proposal of K tokens first catches up (computes the tokens the draft has not seen, which
+    also yields guess 1), then runs K - 1 single-token steps; all sequences go in one batched
+    forward per step. `commit` rolls the draft's cache back to what the target accepted.
+    A sequence the draft cannot hold (its pool is full) simply gets no guesses.
+    """
+
+    def __init__(self, runner: Any, blocks: Any) -> None:
+        self.runner = runner
+        self.blocks = blocks
+        self.computed: dict[int, int] = {}
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence[tuple[Any, list[int], int]]) -> dict[int, Proposal]:
+        """requests: (sequence, its tokens, K) per decoding sequence."""
+        from .runner import StepItem
+
+        guesses: dict[int, list[int]] = {}
+        probs: dict[int, list[torch.Tensor]] = {}
+        active = []
+        for seq, tokens, k in requests:
+            if seq.seq_id not in self.computed:
+                if not self.blocks.can_allocate(len(tokens)):
+                    continue
+                self.computed[seq.seq_id] = self.blocks.allocate(seq.seq_id, tokens)
+            elif self.computed[seq.seq_id] >= len(tokens):  # the last token's logits are needed again
+                self.commit(seq.seq_id, len(tokens) - 1)
+                if seq.seq_id not in self.computed:
+                    continue
+            active.append((seq, tokens, k))
+            guesses[seq.seq_id], probs[seq.seq_id] = [], []
+        for step in range(max((k for _, _, k in active), default=0)):
+            items, stepping = [], []
+            for seq, tokens, k in active:
+                if step >= k:
+                    continue
+                known = tokens + guesses[seq.seq_id]  # step 0 catches up; later steps feed the last guess
+                start, end = self.computed[seq.seq_id], len(known)
+                if not self.blocks.append_slots(seq.seq_id, known, end - start):
+                    self.remove(seq.seq_id)
+                    continue
+                items.append(StepItem(seq.seq_id, known[start:end], start, self.blocks.block_table(seq.seq_id),
+                                      self.blocks.slot_mapping(seq.seq_id, start, end)))
+                stepping.append(seq)
+                self.computed[seq.seq_id] = end
+            if not items:
+                break
+            logits = self.runner.run(items)
+            if logits.device.type != "cpu":
+                logits = logits.cpu()
+            for row, seq in enumerate(stepping):
+                token, q = draft_sample(logits[row : row + 1], seq.sampling)
+                guesses[seq.seq_id].append(token)
+                if q is not None:
+                    probs[seq.seq_id].append(q)
+            active = [a for a in active if a[0].seq_id in self.computed]
+        return {sid: Proposal(g, torch.cat(probs[sid]) if probs[sid] else None)
+                for sid, g in guesses.items() if g and sid in self.computed}
+
+    def commit(self, seq_id: int, num_valid: int) -> None:
+        """Keep the draft's K/V of the sequence's first `num_valid` tokens only."""
+        computed = self.computed.get(seq_id)
+        if computed is None or computed <= num_valid:
+            return
+        try:
+            copies = self.blocks.truncate(seq_id, num_valid)
+        except RuntimeError:  # no block for a copy-on-write: start this sequence over in the draft
+            self.remove(seq_id)
+            return
+        self.runner.kv_pool.copy_blocks(copies)
+        self.computed[seq_id] = num_valid
+
+    def remove(self, seq_id: int) -> None:
+        if self.computed.pop(seq_id, None) is not None:
+            self.blocks.free(seq_id)
+
+
+def draft_sample(logits: torch.Tensor, state: SamplingState) -> tuple[int, torch.Tensor | None]:
+    """One guess from [1, V] draft logits with the sequence's sampling parameters: the argmax
+    for a greedy request (q is then one-hot: None), else a draw from q (returned, [1, V])."""
+    if state.params.greedy:
+        return int(logits.argmax()), None
+    q = normalized(processed_probs(logits, [state]))
+    return int(draw(q, [state])[0]), q
+
+
+def normalized(probs: torch.Tensor) -> torch.Tensor:
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+# -- verification ----------------------------------------------------------------------
+
+
+def verify(logits: torch.Tensor, proposal: Proposal, state: SamplingState) -> list[int]:
+    """The tokens a sequence emits this step: the accepted guesses, then one token of the
+    target's own (a replacement for the first rejected guess, or a bonus after all K).
+
+    logits: the target's [K + 1, V] rows for the positions of the last known token and of
+    each guess. Does not touch `state` (the caller appends what it emits)."""
+    guesses = proposal.tokens
+    k = len(guesses)
+    if state.params.greedy:
+        best = logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < k and guesses[accepted] == best[accepted]:
+            accepted += 1
+        return guesses[:accepted] + [best[accepted]]
+    p = normalized(processed_probs(logits, [state] * (k + 1)))
+    if proposal.probs is None:  # deterministic guesses: q is one-hot
+        q_of_guess = torch.ones(k)
+    else:
+        q_of_guess = proposal.probs[torch.arange(k), guesses]
+    p_of_guess = p[torch.arange(k), guesses]
+    uniforms = torch.rand(k, generator=state.generator)
+    accept = uniforms * q_of_guess < p_of_guess  # u < p / q, without dividing by a zero q
+    accepted = k if bool(accept.all()) else int((~accept).nonzero()[0])
+    if accepted == k:
+        return guesses + [int(draw(p[k : k + 1], [state])[0])]
+    if proposal.probs is None:
+        residual = p[accepted].clone()
+        residual[guesses[accepted]] = 0.0
+    else:
+        residual = (p[accepted] - proposal.probs[accepted]).clamp_(min=0.0)
+    if float(residual.sum()) <= 0.0:  # p == q on the support: fall back to p itself
+        residual = p[accepted]
+    return guesses[:accepted] + [int(draw(residual.unsqueeze(0), [state])[0])]
+
+
+# -- back-off and statistics ----------------------------------------------------------
+
+
+class Backoff:
+    """Per-sequence back-off: after two verifications in a row accept nothing, the sequence
+    skips guessing for 1, 2, 4... up to 16 steps; any accepted guess resets it. In open-ended
+    text the n-gram proposer then rarely costs a verification, while a sequence that copies
+    its prompt keeps guessing."""
+
+    MAX_SKIP = 16
+
+    def __init__(self) -> None:
+        self.misses = 0
+        self.skip = 0
+
+    def wants_guess(self) -> bool:
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def record(self, accepted: int) -> None:
+        if accepted:
+            self.misses = 0
+            return
+        self.misses += 1
+        if self.misses >= 2:
+            self.skip = min(2 ** (self.misses - 2), self.MAX_SKIP)
+
+
+@dataclass
+class SpeculationStats:
+    """Counters (vLLM's names) and the measured speed-up.
+
+    The speed-up compares seconds per emitted token of decode steps with guesses against
+    decode steps without them, both over a recent window; when every recent step guessed,
+    one step in `PROBE_EVERY` runs without guesses to keep the comparison current."""
+
+    num_drafts: int = 0  # verifications of a sequence with guesses
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    _plain: list[float] = field(default_factory=lambda: [0.0, 0.0])  # decayed [seconds, tokens]
+    _spec: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    _steps_since_plain: int = 0
+
+    DECAY = 0.97  # per step: about the last 30 steps of each kind count
+    PROBE_EVERY = 64
+
+    def record_verification(self, proposed: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
+
+    def record_step(self, seconds: float, tokens: int, speculative: bool) -> None:
+        window = self._spec if speculative else self._plain
+        window[0] = window[0] * self.DECAY + seconds
+        window[1] = window[1] * self.DECAY + tokens
+        self._steps_since_plain = self._steps_since_plain + 1 if speculative else 0
+
+    def wants_probe(self) -> bool:
+        return self._steps_since_plain >= self.PROBE_EVERY
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per verification (accepted guesses plus the target's own token)."""
+        return (self.num_accepted_tokens + self.num_drafts) / self.num_drafts if self.num_drafts else None
+
+    @property
+    def speedup(self) -> float | None:
+        if not (self._plain[1] and self._spec[1] and self._spec[0]):
+            return None
+        return (self._plain[0] / self._plain[1]) / (self._spec[0] / self._spec[1])
+
+    def as_dict(self) -> dict[str, Any]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,
+                "spec_num_accepted_tokens": self.num_accepted_tokens,
+                "spec_acceptance_rate": rounded(self.acceptance_rate),
+                "spec_mean_accepted_length": rounded(self.mean_accepted_length),
+                "spec_speedup": rounded(self.speedup)}
+
+
+class Speculator:
+    """What the engine asks each step: the guesses for its decoding sequences; and what it
+    tells after verifying them."""
+
+    def __init__(self, config: SpeculativeConfig, draft: DraftModelProposer | None = None) -> None:
+        self.config = config
+        self.draft = draft
+        self.stats = SpeculationStats()
+        self._backoff: dict[int, Backoff] = {}
+        self._clock = time.perf_counter
+
+    def propose(self, decoding: Sequence[tuple[Any, list[int]]], max_len: int) -> dict[int, Proposal]:
+        """decoding: (sequence, its tokens) of every sequence whose next step is a decode."""
+        config = self.config
+        if not decoding or (config.disable_by_batch_size is not None and len(decoding) > config.disable_by_batch_size):
+            return {}
+        if self.stats.wants_probe():  # this decode step runs without guesses, to time a plain step
+            return {}
+        wanted = []
+        for seq, tokens in decoding:
+            params = seq.params
+            if params.uses_penalties:
+                continue
+            # Guessing beyond what the request may still emit (or the model may hold) is waste.
+            room = min(params.max_tokens - len(seq.output_ids), max_len - len(tokens)) - 1
+            k = min(config.num_speculative_tokens, room)
+            if k < 1 or not self._backoff.setdefault(seq.seq_id, Backoff()).wants_guess():
+                continue
+            wanted.append((seq, tokens, k))
+        if config.method == "ngram":
+            proposals = {}
+            for seq, tokens, k in wanted:
+                guess = ngram_propose(tokens, k, config.prompt_lookup_min, config.prompt_lookup_max)
+                if guess:
+                    proposals[seq.seq_id] = Proposal(guess)
+            return proposals
+        assert self.draft is not None
+        return self.draft.propose(wanted)
+
+    def verified(self, seq_id: int, proposed: int, accepted: int) -> None:
+        self.stats.record_verification(proposed, accepted)
+        backoff = self._backoff.get(seq_id)
+        if backoff is not None:
+            backoff.record(accepted)
+
+    def committed(self, seq_id: int, num_valid: int) -> None:
+        """The target holds K/V for the sequence's first num_valid tokens: roll the draft back to match."""
+        if self.draft is not None:
+            self.draft.commit(seq_id, num_valid)
+
+    def remove(self, seq_id: int) -> None:
+        self._backoff.pop(seq_id, None)
+        if self.draft is not None:
+            self.draft.remove(seq_id)
