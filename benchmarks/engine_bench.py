@@ -1,37 +1,48 @@
 """Engine benchmark: the embedded SmolLM2-135M on the native engine (float32 and int8), plain
-`transformers.generate` (float32, batched with left padding, as a user would run it) and
-llama-cpp-python in-process (the embedded Q4_1 GGUF), all in one process.
+`transformers.generate` (float32, batched with left padding, as a user would run it),
+llama-cpp-python in-process (the embedded Q4_1 GGUF) and ONNX Runtime GenAI (the model
+exported at fp32, int8 and int4 weights), all in one process.
 
 Greedy decoding, EOS ignored, the same prompt token ids for every engine. Engines run
 interleaved (A B C D A B C D ...) for each scenario, `--repeats` times; the median is
-reported. Scenarios:
+reported. Scenarios (`--scenarios` picks some):
 
   uniform   32 requests x 64 output tokens, all submitted at once: output tokens/s
+  batch     16 requests x 64 output tokens, all submitted at once (`--batch`): output tokens/s
   mixed     64 requests, prompts spread over 32-512 tokens and outputs over 16-256, sent by
             1, 4 and 16 closed-loop clients: output tokens/s, TTFT p50/p99
   single    one request: decode tokens/s after the first token
   prefix    TTFT of a request whose 1,000-token prefix was just computed (cached) vs a cold one
-  memory    peak resident memory of each engine alone, in a fresh process
+  quality   exact match of 12 greedy factual completions, each prompt alone ("The capital of
+            France is" -> "Paris"), and perplexity of a fixed 245-token text, once per engine
+            (not timed)
+  memory    peak resident memory of each engine alone, in a fresh process (`--no-memory` skips it)
 
 How each engine serves concurrent clients: native takes requests as they come (continuous
 batching); transformers runs each group of `concurrency` requests as one padded `generate`
 call (static batching, max_new_tokens = the longest of the group, only the requested tokens
-count); llama-cpp-python's `Llama` runs one request at a time (clients queue behind a lock).
+count); llama-cpp-python's `Llama` runs one request at a time (clients queue behind a lock);
+onnx runs the requests waiting when a batch starts as one static batch (max_num_seqs is the
+largest batch the benchmark submits, so a uniform batch runs as one).
 
-    python benchmarks/engine_bench.py            # the full run (long: tens of minutes)
-    python benchmarks/engine_bench.py --quick    # small sizes, about a minute
+    python benchmarks/engine_bench.py            # the full run (long: more than an hour on 2 cores)
+    python benchmarks/engine_bench.py --quick    # small sizes, a few minutes
+    python benchmarks/engine_bench.py --quick --engines onnx-int4,native-fp32 --no-memory
 
-Results are printed and saved as benchmarks/results/engine_bench-<date>[-quick].json and .md.
+Results are printed and saved as benchmarks/results/engine_bench-<date>[-quick][-<tag>].json and .md.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
+import importlib.util
 import json
+import math
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -39,14 +50,18 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ("native-fp32", "native-int8", "transformers", "llama.cpp")
+ENGINES = ("native-fp32", "native-int8", "transformers", "llama.cpp", "onnx-fp32", "onnx-int8", "onnx-int4")
+SCENARIOS = ("uniform", "batch", "mixed", "single", "prefix", "quality")
+# The module each engine needs beyond torch and transformers (the default run skips an engine without it).
+ENGINE_MODULES = {"llama.cpp": "llama_cpp", "onnx-fp32": "onnxruntime_genai", "onnx-int8": "onnxruntime_genai",
+                  "onnx-int4": "onnxruntime_genai"}
 
 
 @dataclass
@@ -74,6 +89,7 @@ class Sizes:
     mixed_prompt: tuple[int, int] = (32, 512)
     mixed_tokens: tuple[int, int] = (16, 256)
     concurrency: tuple[int, ...] = (1, 4, 16)
+    batch_requests: int = 16  # the batch scenario: uniform_prompt and uniform_tokens, fewer requests
     single_prompt: int = 32
     single_tokens: int = 128
     prefix_tokens: int = 1000
@@ -83,8 +99,12 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(uniform_requests=8, uniform_prompt=16, uniform_tokens=12, mixed_requests=6, mixed_prompt=(16, 64),
-                   mixed_tokens=(4, 16), concurrency=(1, 4), single_prompt=16, single_tokens=16, prefix_tokens=256,
-                   suffix_tokens=8, repeats=1)
+                   mixed_tokens=(4, 16), concurrency=(1, 4), batch_requests=4, single_prompt=16, single_tokens=16,
+                   prefix_tokens=256, suffix_tokens=8, repeats=1)
+
+    def largest_batch(self) -> int:
+        """The most requests the benchmark has in flight at once."""
+        return max(self.uniform_requests, self.batch_requests, *self.concurrency)
 
 
 # --- workloads -----------------------------------------------------------------------------------
@@ -93,10 +113,11 @@ def random_prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(200, 40000) for _ in range(n)]  # ordinary tokens, no special ones
 
 
-def uniform_workload(sizes: Sizes, seed: int) -> list[Request]:
+def uniform_workload(sizes: Sizes, seed: int, requests: int | None = None) -> list[Request]:
+    """`requests` (default sizes.uniform_requests) prompts of uniform_prompt tokens, uniform_tokens each."""
     rng = random.Random(seed)
     return [Request(random_prompt(rng, sizes.uniform_prompt), sizes.uniform_tokens)
-            for _ in range(sizes.uniform_requests)]
+            for _ in range(requests or sizes.uniform_requests)]
 
 
 def mixed_workload(sizes: Sizes, seed: int) -> list[Request]:
@@ -113,6 +134,73 @@ def mixed_workload(sizes: Sizes, seed: int) -> list[Request]:
             for p, t in zip(spread(*sizes.mixed_prompt), spread(*sizes.mixed_tokens))]
 
 
+# --- quality -------------------------------------------------------------------------------------
+
+# Greedy completions whose first word must be the answer.
+FACTS = [
+    ("The capital of France is", "Paris"), ("The capital of Japan is", "Tokyo"),
+    ("The capital of Italy is", "Rome"), ("The largest planet in the solar system is", "Jupiter"),
+    ("Water is made of hydrogen and", "oxygen"), ("The chemical symbol for gold is", "Au"),
+    ("Monday, Tuesday, Wednesday,", "Thursday"), ("One, two, three, four,", "five"),
+    ("The opposite of hot is", "cold"), ("The first president of the United States was", "George"),
+    ("The Earth revolves around the", "Sun"), ("Romeo and Juliet was written by William", "Shakespeare"),
+]
+FACT_TOKENS = 4  # greedy tokens per factual completion (EOS ends it)
+# The perplexity text: a paragraph each of science, code and a letter (245 tokens for SmolLM2).
+PARAGRAPH = (
+    "The water cycle describes how water moves between the oceans, the air and the land. Heat from "
+    "the sun evaporates water from the surface of the sea, and the vapour rises until it cools and "
+    "condenses into clouds. When the droplets in a cloud grow heavy enough, they fall back to the "
+    "ground as rain or snow. Some of that water flows through rivers back to the sea, some soaks "
+    "into the soil and feeds plants, and some is stored for years as ice in glaciers.\n\n"
+    "A function in Python is defined with the def keyword, followed by its name and a list of "
+    "parameters in parentheses. The body of the function is indented, and a return statement "
+    "sends a value back to the caller. Functions make code easier to read, to test and to reuse, "
+    "because each one can be understood on its own.\n\n"
+    "Dear Sam, thank you for your letter and for the photographs of the garden. The roses look "
+    "wonderful this year, and I was glad to hear that the apple tree finally gave fruit. We are "
+    "all well here, although the weather has been cold and wet for most of the month. I hope to "
+    "visit you in the spring, when the days are longer. With love, Anna.")
+
+
+def first_word(text: str) -> str:
+    words = re.findall(r"[A-Za-z0-9]+", text)
+    return words[0].lower() if words else ""
+
+
+def exact_matches(completions: Sequence[str], answers: Sequence[str]) -> int:
+    """How many completions start with their answer (first word, case-insensitive)."""
+    return sum(first_word(text) == answer.lower() for text, answer in zip(completions, answers, strict=True))
+
+
+def until_eos(ids: Sequence[int], eos: frozenset[int]) -> list[int]:
+    """The tokens before the first EOS token."""
+    out: list[int] = []
+    for token in ids:
+        if token in eos:
+            break
+        out.append(token)
+    return out
+
+
+def token_logprobs(logits: Any, ids: Sequence[int]) -> Any:
+    """Log-probability of each token of `ids` after the first, from `logits` [len(ids) - 1, vocab]
+    whose row i is the distribution that predicts ids[i + 1] (float64 log-softmax)."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape[0] != len(ids) - 1:
+        raise ValueError(f"{logits.shape[0]} rows of logits for {len(ids)} tokens (expected {len(ids) - 1})")
+    top = logits.max(axis=-1, keepdims=True)
+    logsumexp = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+    return logits[np.arange(len(ids) - 1), list(ids[1:])] - logsumexp
+
+
+def perplexity(logprobs: Sequence[float]) -> float:
+    """exp(mean negative log-likelihood)."""
+    return math.exp(-sum(logprobs) / len(logprobs)) if len(logprobs) else float("nan")
+
+
 # --- engines -------------------------------------------------------------------------------------
 
 class Engine:
@@ -122,24 +210,29 @@ class Engine:
         """Serve the requests with `concurrency` closed-loop clients; (results, wall seconds)."""
         raise NotImplementedError
 
+    def greedy(self, prompts: list[list[int]], max_tokens: int, eos: frozenset[int]) -> list[list[int]]:
+        """Greedy output token ids of each prompt, ending at an EOS token (not returned) or max_tokens."""
+        raise NotImplementedError
+
+    def next_token_logits(self, ids: list[int]) -> Any:
+        """Logits [len(ids) - 1, vocab]: row i is the distribution predicting ids[i + 1]; None
+        when the engine cannot give them (no perplexity then)."""
+        return None
+
     def close(self) -> None:
         pass
 
 
-class NativeEngine(Engine):
-    """The native backend through the EngineManager, as a notebook or the server uses it."""
+class ManagerEngine(Engine):
+    """A backend of the project through its own EngineManager, as a notebook or the server uses it."""
 
-    def __init__(self, name: str, threads: int, quantization: str | None, kv_cache_memory: str | None):
+    def __init__(self, name: str, kind: str, model: str | None = None, **options: Any):
         from jupyter_llm.manager import EngineManager
 
         self.name = name
         self.manager = EngineManager()
-        options: dict[str, Any] = {"threads": threads}
-        if quantization:
-            options["quantization"] = quantization
-        if kv_cache_memory:
-            options["kv_cache_memory"] = kv_cache_memory
-        self.manager.load("native", name=name, progress=False, **options)
+        self.manager.load(kind, model, name=name, progress=False, **options)
+        self.backend = self.manager.get(name)
 
     def run(self, requests: list[Request], concurrency: int) -> tuple[list[Result], float]:
         from jupyter_llm.params import GenerationRequest, SamplingParams
@@ -171,8 +264,71 @@ class NativeEngine(Engine):
         wall = asyncio.run(main())
         return results, wall  # type: ignore[return-value]
 
+    def greedy(self, prompts: list[list[int]], max_tokens: int, eos: frozenset[int]) -> list[list[int]]:
+        """One prompt at a time (batched, native int8's answers change with the batch: its
+        activations are quantized per step); the backend also ends each at its own EOS ids."""
+        from jupyter_llm.params import GenerationRequest, SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+
+        async def complete(prompt: list[int]) -> list[int]:
+            out: list[int] = []
+            async for event in self.manager.astream([GenerationRequest(prompt_token_ids=prompt, params=params)],
+                                                    backend=self.name):
+                if event.error:
+                    raise RuntimeError(event.error)
+                out += event.token_ids
+            return until_eos(out, eos)
+
+        return [asyncio.run(complete(prompt)) for prompt in prompts]
+
     def close(self) -> None:
         self.manager.shutdown()
+
+
+class NativeEngine(ManagerEngine):
+    """The native backend, float32 or int8."""
+
+    def __init__(self, name: str, threads: int, quantization: str | None, kv_cache_memory: str | None,
+                 model: str | None = None):
+        options: dict[str, Any] = {"threads": threads}
+        if quantization:
+            options["quantization"] = quantization
+        if kv_cache_memory:
+            options["kv_cache_memory"] = kv_cache_memory
+        super().__init__(name, "native", model, **options)
+
+    def next_token_logits(self, ids: list[int]) -> Any:
+        """The backend's model and attention over a private KV pool (the engine's own is left alone)."""
+        from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
+        from jupyter_llm.backends.native.runner import ModelRunner, StepItem
+
+        model, config, block_size = self.backend.model, self.backend.model_config, 16
+        tokens = ids[:-1]  # the last token predicts nothing that is scored
+        blocks = BlockManager(-(-len(tokens) // block_size), block_size, enable_prefix_caching=False)
+        blocks.allocate(0, tokens)
+        dtype = next(model.parameters()).dtype  # the embedding: float even in an int8 model
+        pool = KVCachePool.for_model(config, blocks.num_total_blocks(), block_size, dtype, self.backend.device)
+        item = StepItem(0, tokens, 0, blocks.block_table(0), blocks.slot_mapping(0, 0, len(tokens)))
+        return ModelRunner(model, config, pool).run([item], num_logits=[len(tokens)]).cpu().numpy()
+
+
+class OnnxEngine(ManagerEngine):
+    """The onnx backend at one precision (the export is cached in the model cache)."""
+
+    def __init__(self, name: str, threads: int, precision: str, max_num_seqs: int):
+        super().__init__(name, "onnx", precision=precision, threads=threads, max_num_seqs=max_num_seqs)
+
+    def next_token_logits(self, ids: list[int]) -> Any:
+        """One prefill of the text on a generator of its own."""
+        import numpy as np
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.backend.og_model)
+        params.set_search_options(batch_size=1, max_length=len(ids) + 1)
+        generator = og.Generator(self.backend.og_model, params)
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        return generator.get_output("logits")[0, :-1]
 
 
 class TransformersEngine(Engine):
@@ -180,7 +336,7 @@ class TransformersEngine(Engine):
 
     name = "transformers"
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, folder: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -188,7 +344,7 @@ class TransformersEngine(Engine):
 
         self.threads = threads
         torch.set_num_threads(threads)
-        folder = ensure_hf_folder(resolve_model(None), progress=False)
+        folder = folder or ensure_hf_folder(resolve_model(None), progress=False)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         self.pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
 
@@ -228,6 +384,29 @@ class TransformersEngine(Engine):
             for r in batch:  # a request's tokens are the first max_tokens steps of its row
                 results.append(Result(steps[0] - sent, r.max_tokens, steps[0], steps[r.max_tokens - 1]))
         return results, time.monotonic() - start
+
+    def greedy(self, prompts: list[list[int]], max_tokens: int, eos: frozenset[int]) -> list[list[int]]:
+        """Each prompt alone (no padding)."""
+        import torch
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(eos),
+                                  pad_token_id=self.pad)
+        torch.set_num_threads(self.threads)
+        outputs = []
+        with torch.inference_mode():
+            for prompt in prompts:
+                ids = torch.tensor([prompt])
+                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+                outputs.append(until_eos(out[0, len(prompt):].tolist(), eos))
+        return outputs
+
+    def next_token_logits(self, ids: list[int]) -> Any:
+        import torch
+
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            return self.model(torch.tensor([ids])).logits[0, :-1].float().numpy()
 
 
 class LlamaCppEngine(Engine):
@@ -279,6 +458,36 @@ class LlamaCppEngine(Engine):
             t.join()
         return results, time.monotonic() - start  # type: ignore[return-value]
 
+    def greedy(self, prompts: list[list[int]], max_tokens: int, eos: frozenset[int]) -> list[list[int]]:
+        outputs = []
+        with self.lock:
+            for prompt in prompts:
+                out: list[int] = []
+                for token in self.llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+                    if token in eos:
+                        break
+                    out.append(token)
+                    if len(out) >= max_tokens:
+                        break
+                outputs.append(out)
+        return outputs
+
+    def next_token_logits(self, ids: list[int]) -> Any:
+        """One token at a time, reading the last position's logits as the llamacpp backend does:
+        without logits_all (which the speed runs do not use), llama.cpp keeps only those."""
+        import llama_cpp
+        import numpy as np
+
+        rows = []
+        with self.lock:
+            self.llm.reset()
+            for token in ids[:-1]:
+                self.llm.eval([token])
+                pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+                rows.append(np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy())
+            self.llm.reset()
+        return np.stack(rows)
+
 
 # --- measuring -----------------------------------------------------------------------------------
 
@@ -306,7 +515,26 @@ def load_engine(name: str, threads: int, sizes: Sizes, kv: str | None) -> Engine
         n_ctx = max(2048, sizes.prefix_tokens + 2 * sizes.suffix_tokens + 8,
                     sizes.mixed_prompt[1] + sizes.mixed_tokens[1] + 8)
         return LlamaCppEngine(threads, n_ctx)
+    if name.startswith("onnx-") and name in ENGINES:
+        return OnnxEngine(name, threads, name.removeprefix("onnx-"), max_num_seqs=sizes.largest_batch())
     raise SystemExit(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+
+
+def parse_list(value: str | None, known: Sequence[str], what: str) -> list[str]:
+    """A comma-separated subset of `known`, in the order given (None: every known one)."""
+    if value is None:
+        return list(known)
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; known: {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def installed(name: str) -> bool:
+    """Whether the package an engine needs beyond torch and transformers is installed."""
+    module = ENGINE_MODULES.get(name)
+    return module is None or importlib.util.find_spec(module) is not None
 
 
 def rss_bytes() -> int:
@@ -332,13 +560,13 @@ def memory_probe(name: str, threads: int, sizes: Sizes, kv: str | None) -> dict[
     return {"baseline_mib": before / 2**20, "loaded_mib": loaded / 2**20, "peak_mib": peak / 2**20}
 
 
-def measure_memory(names: list[str], threads: int, quick: bool, kv: str | None) -> dict[str, dict[str, float]]:
-    """Each engine's memory, measured alone in a child process (engines share nothing there)."""
+def measure_memory(names: list[str], threads: int, size_args: list[str], kv: str | None) -> dict[str, dict[str, float]]:
+    """Each engine's memory, measured alone in a child process (engines share nothing there);
+    size_args: the options that set the sizes (--quick, --batch N)."""
     out: dict[str, dict[str, float]] = {}
     for name in names:
-        command = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--threads", str(threads)]
-        if quick:
-            command.append("--quick")
+        command = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--threads", str(threads),
+                   *size_args]
         if kv:
             command += ["--kv-cache-memory", kv]
         done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
@@ -352,62 +580,105 @@ def measure_memory(names: list[str], threads: int, quick: bool, kv: str | None) 
     return out
 
 
-def run_benchmark(names: list[str], sizes: Sizes, threads: int, kv: str | None) -> dict[str, Any]:
+def run_benchmark(names: list[str], sizes: Sizes, threads: int, kv: str | None,
+                  scenarios: Sequence[str] = SCENARIOS, quiet: bool = False) -> dict[str, Any]:
+    say = (lambda *a, **k: None) if quiet else print  # noqa: E731
     engines: dict[str, Engine] = {}
+    raw: dict[str, dict[str, list[Any]]] = {}
     for name in names:
         start = time.monotonic()
         engines[name] = load_engine(name, threads, sizes, kv)
-        print(f"loaded {name} in {time.monotonic() - start:.1f}s", flush=True)
-    raw: dict[str, dict[str, list[Any]]] = {name: {} for name in engines}
+        raw[name] = {"load_s": [time.monotonic() - start]}
+        say(f"loaded {name} in {raw[name]['load_s'][0]:.1f}s", flush=True)
 
     def measure(scenario: str, engine: Engine, requests: list[Request], concurrency: int) -> tuple[list[Result], float]:
         results, wall = engine.run(requests, concurrency)
-        print(f"  {scenario:<12} {engine.name:<13} {sum(r.tokens for r in results) / wall:8.1f} tok/s  "
-              f"({wall:.1f}s)", flush=True)
+        say(f"  {scenario:<12} {engine.name:<13} {sum(r.tokens for r in results) / wall:8.1f} tok/s  "
+            f"({wall:.1f}s)", flush=True)
         return results, wall
+
+    def all_at_once(scenario: str, key: str, requests: list[Request]) -> None:
+        for engine in engines.values():
+            results, wall = measure(scenario, engine, requests, len(requests))
+            raw[engine.name].setdefault(key, []).append(sum(r.tokens for r in results) / wall)
 
     # Warm-up: one short request each (first-call allocations, kernels, caches).
     for engine in engines.values():
         engine.run([Request(random_prompt(random.Random(0), 8), 4)], 1)
 
-    for repeat in range(sizes.repeats):
-        print(f"repeat {repeat + 1}/{sizes.repeats}", flush=True)
-        uniform = uniform_workload(sizes, seed=100 + repeat)
-        for engine in engines.values():
-            results, wall = measure("uniform", engine, uniform, len(uniform))
-            raw[engine.name].setdefault("uniform_tok_s", []).append(sum(r.tokens for r in results) / wall)
+    timed = [s for s in scenarios if s != "quality"]
+    for repeat in range(sizes.repeats if timed else 0):
+        say(f"repeat {repeat + 1}/{sizes.repeats}", flush=True)
+        if "uniform" in scenarios:
+            all_at_once("uniform", "uniform_tok_s", uniform_workload(sizes, seed=100 + repeat))
+        if "batch" in scenarios:
+            all_at_once(f"batch {sizes.batch_requests}", "batch_tok_s",
+                        uniform_workload(sizes, seed=150 + repeat, requests=sizes.batch_requests))
 
-        for concurrency in sizes.concurrency:
+        if "mixed" in scenarios:
             mixed = mixed_workload(sizes, seed=200 + repeat)
+            for concurrency in sizes.concurrency:
+                for engine in engines.values():
+                    results, wall = measure(f"mixed c={concurrency}", engine, mixed, concurrency)
+                    bucket = raw[engine.name]
+                    bucket.setdefault(f"mixed_c{concurrency}_tok_s", []).append(sum(r.tokens for r in results) / wall)
+                    ttfts = [r.ttft for r in results]
+                    bucket.setdefault(f"mixed_c{concurrency}_ttft_p50", []).append(percentile(ttfts, 0.5))
+                    bucket.setdefault(f"mixed_c{concurrency}_ttft_p99", []).append(percentile(ttfts, 0.99))
+
+        if "single" in scenarios:
+            rng = random.Random(300 + repeat)
+            single = [Request(random_prompt(rng, sizes.single_prompt), sizes.single_tokens)]
             for engine in engines.values():
-                results, wall = measure(f"mixed c={concurrency}", engine, mixed, concurrency)
-                bucket = raw[engine.name]
-                bucket.setdefault(f"mixed_c{concurrency}_tok_s", []).append(sum(r.tokens for r in results) / wall)
-                ttfts = [r.ttft for r in results]
-                bucket.setdefault(f"mixed_c{concurrency}_ttft_p50", []).append(percentile(ttfts, 0.5))
-                bucket.setdefault(f"mixed_c{concurrency}_ttft_p99", []).append(percentile(ttfts, 0.99))
+                [r], _ = measure("single", engine, single, 1)
+                raw[engine.name].setdefault("single_decode_tok_s", []).append(
+                    (r.tokens - 1) / (r.last - r.first) if r.last > r.first else float("nan"))
 
-        rng = random.Random(300 + repeat)
-        single = [Request(random_prompt(rng, sizes.single_prompt), sizes.single_tokens)]
-        for engine in engines.values():
-            [r], _ = measure("single", engine, single, 1)
-            raw[engine.name].setdefault("single_decode_tok_s", []).append(
-                (r.tokens - 1) / (r.last - r.first) if r.last > r.first else float("nan"))
+        if "prefix" in scenarios:
+            for engine in engines.values():
+                rng = random.Random(400 + repeat * 10 + list(engines).index(engine.name))
+                prefix = random_prompt(rng, sizes.prefix_tokens)  # fresh for each engine and repeat: cold
+                cold = Request(prefix + random_prompt(rng, sizes.suffix_tokens), 1)
+                warm = Request(prefix + random_prompt(rng, sizes.suffix_tokens), 1)
+                [c], _ = measure("prefix cold", engine, [cold], 1)
+                [w], _ = measure("prefix warm", engine, [warm], 1)
+                raw[engine.name].setdefault("prefix_ttft_cold", []).append(c.ttft)
+                raw[engine.name].setdefault("prefix_ttft_cached", []).append(w.ttft)
 
-        for engine in engines.values():
-            rng = random.Random(400 + repeat * 10 + list(engines).index(engine.name))
-            prefix = random_prompt(rng, sizes.prefix_tokens)  # fresh for each engine and repeat: cold
-            cold = Request(prefix + random_prompt(rng, sizes.suffix_tokens), 1)
-            warm = Request(prefix + random_prompt(rng, sizes.suffix_tokens), 1)
-            [c], _ = measure("prefix cold", engine, [cold], 1)
-            [w], _ = measure("prefix warm", engine, [warm], 1)
-            raw[engine.name].setdefault("prefix_ttft_cold", []).append(c.ttft)
-            raw[engine.name].setdefault("prefix_ttft_cached", []).append(w.ttft)
-
+    quality = measure_quality(engines, say) if "quality" in scenarios else {}
+    for name, numbers in quality.items():
+        raw[name]["exact_match"] = [numbers["exact_match"]]
+        raw[name]["perplexity"] = [numbers["perplexity"]]
     summary = {name: {key: median(values) for key, values in metrics.items()} for name, metrics in raw.items()}
     for engine in engines.values():
         engine.close()
-    return {"summary": summary, "raw": raw}
+    return {"summary": summary, "raw": raw, "quality": quality}
+
+
+def measure_quality(engines: dict[str, Engine], say: Any = print, tokenizer: Any = None,
+                    text: str = PARAGRAPH) -> dict[str, dict[str, Any]]:
+    """Per engine: exact match on FACTS (greedy, FACT_TOKENS tokens) and perplexity of `text`,
+    from the same token ids for every engine (`tokenizer`: a jupyter_llm Tokenizer, by default
+    the embedded model's)."""
+    if tokenizer is None:
+        from jupyter_llm.backends.hf import load_tokenizer
+        from jupyter_llm.models import ensure_hf_folder, resolve_model
+
+        tokenizer = load_tokenizer(str(ensure_hf_folder(resolve_model(None), progress=False)))
+    prompts = [tokenizer.encode(prompt) for prompt, _ in FACTS]
+    text_ids = tokenizer.encode(text)
+    out: dict[str, dict[str, Any]] = {}
+    for engine in engines.values():
+        outputs = [tokenizer.decode(ids) for ids in engine.greedy(prompts, FACT_TOKENS, tokenizer.eos_token_ids)]
+        logits = engine.next_token_logits(text_ids)
+        out[engine.name] = {
+            "exact_match": exact_matches(outputs, [answer for _, answer in FACTS]), "asked": len(FACTS),
+            "perplexity": float("nan") if logits is None else perplexity(token_logprobs(logits, text_ids)),
+            "text_tokens": len(text_ids), "completions": outputs,
+        }
+        say(f"  quality      {engine.name:<13} exact match {out[engine.name]['exact_match']}/{len(FACTS)}, "
+            f"perplexity {out[engine.name]['perplexity']:.2f}", flush=True)
+    return out
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -419,20 +690,28 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(summary: dict[str, dict[str, float]], sizes: Sizes) -> list[tuple[str, float | None, float | None]]:
-    """(what, measured ratio, target or None)."""
-    s = summary
-    get = lambda engine, key: s.get(engine, {}).get(key)  # noqa: E731
+    """(what, measured ratio, target or None); the measured ratio is None when an engine was not run."""
+    def of(a: str, b: str, key: str, key_b: str | None = None) -> float | None:
+        return ratio(summary.get(a, {}).get(key), summary.get(b, {}).get(key_b or key))
+
     c_hi = f"mixed_c{max(sizes.concurrency)}_tok_s"
+    batch = f"batch {sizes.batch_requests}"
     return [
-        ("uniform: native int8 / transformers", ratio(get("native-int8", "uniform_tok_s"), get("transformers", "uniform_tok_s")), 2.5),
-        ("uniform: native fp32 / transformers", ratio(get("native-fp32", "uniform_tok_s"), get("transformers", "uniform_tok_s")), 1.1),
-        (f"mixed c={max(sizes.concurrency)}: native fp32 / transformers", ratio(get("native-fp32", c_hi), get("transformers", c_hi)), 1.5),
-        (f"mixed c={max(sizes.concurrency)}: native int8 / transformers", ratio(get("native-int8", c_hi), get("transformers", c_hi)), 3.0),
-        ("single: native int8 / native fp32", ratio(get("native-int8", "single_decode_tok_s"), get("native-fp32", "single_decode_tok_s")), 2.0),
-        ("single: native int8 / llama.cpp", ratio(get("native-int8", "single_decode_tok_s"), get("llama.cpp", "single_decode_tok_s")), 0.5),
-        ("single: native fp32 / transformers", ratio(get("native-fp32", "single_decode_tok_s"), get("transformers", "single_decode_tok_s")), None),
-        ("prefix TTFT: native fp32 cached / cold", ratio(get("native-fp32", "prefix_ttft_cached"), get("native-fp32", "prefix_ttft_cold")), 0.1),
-        ("prefix TTFT: native int8 cached / cold", ratio(get("native-int8", "prefix_ttft_cached"), get("native-int8", "prefix_ttft_cold")), 0.1),
+        ("uniform: native int8 / transformers", of("native-int8", "transformers", "uniform_tok_s"), 2.5),
+        ("uniform: native fp32 / transformers", of("native-fp32", "transformers", "uniform_tok_s"), 1.1),
+        (f"mixed c={max(sizes.concurrency)}: native fp32 / transformers", of("native-fp32", "transformers", c_hi), 1.5),
+        (f"mixed c={max(sizes.concurrency)}: native int8 / transformers", of("native-int8", "transformers", c_hi), 3.0),
+        ("single: native int8 / native fp32", of("native-int8", "native-fp32", "single_decode_tok_s"), 2.0),
+        ("single: native int8 / llama.cpp", of("native-int8", "llama.cpp", "single_decode_tok_s"), 0.5),
+        ("single: native fp32 / transformers", of("native-fp32", "transformers", "single_decode_tok_s"), None),
+        ("prefix TTFT: native fp32 cached / cold", of("native-fp32", "native-fp32", "prefix_ttft_cached", "prefix_ttft_cold"), 0.1),
+        ("prefix TTFT: native int8 cached / cold", of("native-int8", "native-int8", "prefix_ttft_cached", "prefix_ttft_cold"), 0.1),
+        ("single: onnx int4 / llama.cpp", of("onnx-int4", "llama.cpp", "single_decode_tok_s"), None),
+        ("single: onnx int8 / native int8", of("onnx-int8", "native-int8", "single_decode_tok_s"), None),
+        (f"{batch}: onnx int8 / native int8", of("onnx-int8", "native-int8", "batch_tok_s"), None),
+        (f"{batch}: onnx fp32 / transformers", of("onnx-fp32", "transformers", "batch_tok_s"), None),
+        ("perplexity: onnx int4 / onnx fp32", of("onnx-int4", "onnx-fp32", "perplexity"), None),
+        ("perplexity: native int8 / native fp32", of("native-int8", "native-fp32", "perplexity"), None),
     ]
 
 
@@ -442,53 +721,91 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
+def fmt_fraction(value: float | None, total: int) -> str:
+    return "—" if value is None or value != value else f"{int(value)}/{total}"
+
+
+def metric_rows(sizes: Sizes) -> list[tuple[str, str, Any]]:
+    """(label, summary key, value -> text) for every row the table can have, in order."""
+    def number(digits: int) -> Any:
+        return lambda value: fmt(value, digits)
+
+    rows: list[tuple[str, str, Any]] = [
+        (f"uniform {sizes.uniform_requests}x{sizes.uniform_tokens}: output tok/s", "uniform_tok_s", number(1)),
+        (f"batch {sizes.batch_requests}x{sizes.uniform_tokens}: output tok/s", "batch_tok_s", number(1))]
+    for c in sizes.concurrency:
+        rows.append((f"mixed {sizes.mixed_requests} req, c={c}: output tok/s", f"mixed_c{c}_tok_s", number(1)))
+    for c in sizes.concurrency:
+        rows.append((f"mixed c={c}: TTFT p50 (s)", f"mixed_c{c}_ttft_p50", number(3)))
+        rows.append((f"mixed c={c}: TTFT p99 (s)", f"mixed_c{c}_ttft_p99", number(3)))
+    return rows + [
+        ("single stream: decode tok/s", "single_decode_tok_s", number(1)),
+        (f"TTFT, {sizes.prefix_tokens}-token prefix cold (s)", "prefix_ttft_cold", number(3)),
+        (f"TTFT, {sizes.prefix_tokens}-token prefix cached (s)", "prefix_ttft_cached", number(3)),
+        ("exact match, factual completions", "exact_match", lambda value: fmt_fraction(value, len(FACTS))),
+        ("perplexity, fixed text", "perplexity", number(2)),
+        ("load, in the benchmark process (s)", "load_s", number(1)),
+        ("peak resident memory, alone (MiB)", "peak_mib", number(0)),
+        ("resident memory before loading (MiB)", "baseline_mib", number(0)),
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     sizes = Sizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["sizes"].items()})
     summary = report["summary"]
     engines = list(summary)
-    rows: list[tuple[str, str, int]] = [
-        (f"uniform {sizes.uniform_requests}x{sizes.uniform_tokens}: output tok/s", "uniform_tok_s", 1)]
-    for c in sizes.concurrency:
-        rows.append((f"mixed {sizes.mixed_requests} req, c={c}: output tok/s", f"mixed_c{c}_tok_s", 1))
-    for c in sizes.concurrency:
-        rows.append((f"mixed c={c}: TTFT p50 (s)", f"mixed_c{c}_ttft_p50", 3))
-        rows.append((f"mixed c={c}: TTFT p99 (s)", f"mixed_c{c}_ttft_p99", 3))
-    rows += [
-        ("single stream: decode tok/s", "single_decode_tok_s", 1),
-        (f"TTFT, {sizes.prefix_tokens}-token prefix cold (s)", "prefix_ttft_cold", 3),
-        (f"TTFT, {sizes.prefix_tokens}-token prefix cached (s)", "prefix_ttft_cached", 3),
-        ("peak resident memory, alone (MiB)", "peak_mib", 0),
-        ("resident memory before loading (MiB)", "baseline_mib", 0),
-    ]
     env = report["environment"]
     lines = [
         f"# Engine benchmark {report['date']}{' (quick)' if report['quick'] else ''}",
         "",
         f"Model: embedded SmolLM2-135M-Instruct (native and transformers: float32 weights converted from the "
-        f"Q4_1 GGUF; llama.cpp: the Q4_1 GGUF). Greedy, EOS ignored. Threads: {report['threads']} "
-        f"(torch intra-op and llama.cpp). Median of {sizes.repeats} interleaved repeat(s).",
+        f"Q4_1 GGUF; llama.cpp: the Q4_1 GGUF; onnx: ONNX Runtime GenAI exports of the float32 conversion with "
+        f"fp32, int8 or int4 weights). Greedy, EOS ignored. Threads: {report['threads']} "
+        f"(torch intra-op, llama.cpp, ONNX Runtime intra-op). Median of {sizes.repeats} interleaved repeat(s).",
         f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}, transformers {env['transformers']}, "
-        f"llama-cpp-python {env['llama_cpp']}; commit {env['commit']}.",
+        f"llama-cpp-python {env['llama_cpp']}, onnxruntime-genai {env.get('onnxruntime_genai', '—')}; "
+        f"commit {env['commit']}.",
         "",
         "| metric | " + " | ".join(engines) + " |",
         "|---|" + "---:|" * len(engines),
     ]
-    for label, key, digits in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt(summary[e].get(key), digits) for e in engines) + " |")
+    for label, key, show in metric_rows(sizes):
+        values = [summary[e].get(key) for e in engines]
+        if all(v is None for v in values):
+            continue  # a scenario that was not run
+        lines.append(f"| {label} | " + " | ".join(show(v) for v in values) + " |")
+    measured = [(label, value, target) for label, value, target in report["ratios"] if value is not None]
     if report["quick"]:
-        lines += ["", "Quick run: small sizes for a smoke test. The targets below are meant for the full sizes "
-                  "(32 x 64 uniform, 64 mixed requests at concurrency 16, a 1,000-token prefix)."]
-    lines += ["", "Memory: each engine alone in a fresh process (load, then one uniform batch); the peak "
-              "includes Python and torch (the 'before loading' row). The native KV pool is preallocated "
-              "(1 GiB on CPU unless --kv-cache-memory says otherwise).",
-              "", "| ratio | measured | target |", "|---|---:|---:|"]
-    for label, value, target in report["ratios"]:
-        mark = "" if value is None or target is None else (" ✓" if (value <= target if "TTFT" in label else value >= target) else " ✗")
+        lines += ["", "Quick run: small sizes for a smoke test." + (
+            " The targets below are meant for the full sizes (32 x 64 uniform, 64 mixed requests at "
+            "concurrency 16, a 1,000-token prefix)." if any(target for _, _, target in measured) else "")]
+    if any("exact_match" in numbers for numbers in summary.values()):
+        lines += ["", f"Quality, once per engine (not timed): exact match of {len(FACTS)} greedy completions of "
+                  f"{FACT_TOKENS} tokens, each prompt alone, whose first word must be the answer (\"The capital of "
+                  "France is\" -> \"Paris\"); perplexity of a fixed text (a paragraph each of science, code and a letter) from "
+                  "the engine's logits, every token after the first scored. The same token ids for every engine."]
+    if any("peak_mib" in numbers for numbers in summary.values()):
+        lines += ["", "Memory: each engine alone in a fresh process (load, then one uniform batch); the peak "
+                  "includes Python and torch (the 'before loading' row). The native KV pool is preallocated "
+                  "(1 GiB on CPU unless --kv-cache-memory says otherwise)."]
+    if measured:
+        lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
+    for label, value, target in measured:
+        mark = "" if target is None else (" ✓" if (value <= target if "TTFT" in label else value >= target) else " ✗")
         bound = "" if target is None else ("≤ " if "TTFT" in label else "≥ ") + f"{target:g}"
         lines.append(f"| {label} | {fmt(value, 2)}{mark} | {bound} |")
-    lines += ["", "transformers serves concurrent clients in static batches of `c` requests (one padded "
-              "`generate` per batch); llama.cpp's in-process `Llama` serves one request at a time.", ""]
-    return "\n".join(lines)
+    serving = {
+        "native": "native admits requests as they come (continuous batching)",
+        "transformers": "transformers serves concurrent clients in static batches of `c` requests (one padded "
+                        "`generate` per batch)",
+        "llama.cpp": "llama.cpp's in-process `Llama` serves one request at a time",
+        "onnx": f"onnx batches statically (max_num_seqs {sizes.largest_batch()}: the requests waiting when a batch "
+                "starts run together, later ones wait for the next batch)",
+    }
+    ran = [text for family, text in serving.items() if any(e.split("-")[0] == family for e in engines)]
+    if ran:
+        lines += ["", "; ".join(ran) + "."]
+    return "\n".join(lines + [""])
 
 
 def environment() -> dict[str, Any]:
@@ -501,6 +818,12 @@ def environment() -> dict[str, Any]:
         llama_version = llama_cpp.__version__
     except ImportError:
         llama_version = "not installed"
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        onnx_version = version("onnxruntime-genai")
+    except PackageNotFoundError:
+        onnx_version = "not installed"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=5).stdout.strip() or "unknown"
@@ -515,18 +838,25 @@ def environment() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "llama_cpp": llama_version, "python": platform.python_version(), "commit": commit}
+            "llama_cpp": llama_version, "onnxruntime_genai": onnx_version, "python": platform.python_version(),
+            "commit": commit}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test of about a minute)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test of a few minutes)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="compute threads for every engine (default 2)")
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {', '.join(ENGINES)}")
+    parser.add_argument("--engines", help=f"comma-separated subset of {', '.join(ENGINES)} "
+                        "(default: every one whose package is installed)")
+    parser.add_argument("--scenarios", help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--batch", type=int, help="requests in the batch scenario (default 16; 4 with --quick)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per scenario (default 2; 1 with --quick)")
     parser.add_argument("--kv-cache-memory", help="native KV pool size (default: the engine's, 1 GiB on CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the results")
+    parser.add_argument("--no-save", action="store_true", help="print the table only, save nothing")
+    parser.add_argument("--tag", help="a word added to the names of the saved files (engine_bench-<date>-<tag>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-engine memory probes")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one engine's memory, as JSON
     args = parser.parse_args(argv)
@@ -538,32 +868,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.repeats:
         sizes.repeats = args.repeats
-    names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    if args.batch:
+        sizes.batch_requests = args.batch
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.threads, sizes, args.kv_cache_memory)))
         return {}
+    names = parse_list(args.engines, ENGINES, "engine")
+    if args.engines is None:
+        missing = [n for n in names if not installed(n)]
+        if missing:
+            print(f"skipping {', '.join(missing)}: {', '.join(sorted({ENGINE_MODULES[n] for n in missing}))} "
+                  f"not installed", flush=True)
+        names = [n for n in names if n not in missing]
+    scenarios = parse_list(args.scenarios, SCENARIOS, "scenario")
     import torch
 
     torch.set_num_threads(args.threads)
     started = time.monotonic()
-    memory = {} if args.no_memory else measure_memory(names, args.threads, args.quick, args.kv_cache_memory)
-    measured = run_benchmark(names, sizes, args.threads, args.kv_cache_memory)
+    probe_args = (["--quick"] if args.quick else []) + (["--batch", str(args.batch)] if args.batch else [])
+    memory = {} if args.no_memory else measure_memory(names, args.threads, probe_args, args.kv_cache_memory)
+    measured = run_benchmark(names, sizes, args.threads, args.kv_cache_memory, scenarios, quiet=args.quiet)
     for name, numbers in memory.items():
         measured["summary"].setdefault(name, {}).update(numbers)
     today = dt.date.today().isoformat()
     report = {
-        "date": today, "quick": args.quick, "threads": args.threads, "sizes": asdict(sizes),
+        "date": today, "quick": args.quick, "threads": args.threads, "sizes": asdict(sizes), "scenarios": scenarios,
         "environment": environment(), "seconds": round(time.monotonic() - started, 1), **measured,
     }
     report["ratios"] = ratios(report["summary"], sizes)
     text = markdown(report)
     print()
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"engine_bench-{today}{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(text)
-    print(f"saved {stem}.json and {stem}.md")
+    if not args.no_save:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / "-".join(["engine_bench", today] + ["quick"] * args.quick + [args.tag] * bool(args.tag))
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+        stem.with_suffix(".md").write_text(text)
+        print(f"saved {stem}.json and {stem}.md")
     return report
 
 
