@@ -12,7 +12,8 @@ from typing import Any
 # The columns of the summary table, in order.
 TABLE_COLUMNS = ("target", "load", "completed", "errors", "request_throughput", "output_throughput",
                  "total_token_throughput", "mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-                 "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms")
+                 "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms",
+                 "spec_acceptance_rate", "spec_mean_accepted_length")  # the last two: speculating targets only
 
 
 def _clean(value: Any) -> Any:
@@ -71,6 +72,8 @@ class BenchResult:
 
 
 def _format(column: str, value: Any) -> Any:
+    if value is None:
+        return ""
     if isinstance(value, float):
         if math.isnan(value):
             return ""

@@ -47,6 +47,19 @@ async def run_level(target: Target, requests: Sequence[BenchRequest], concurrenc
     return list(records), time.monotonic() - started
 
 
+def speculation_metrics(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, float]:
+    """Acceptance rate and mean accepted length (tokens per verification) over one run, from
+    the engine's speculative counters before and after it; {} for a target that does not speculate."""
+    if before is None or after is None:
+        return {}
+    drafts = after["spec_num_drafts"] - before["spec_num_drafts"]
+    proposed = after["spec_num_draft_tokens"] - before["spec_num_draft_tokens"]
+    accepted = after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
+    nan = float("nan")
+    return {"spec_acceptance_rate": accepted / proposed if proposed else nan,
+            "spec_mean_accepted_length": (accepted + drafts) / drafts if drafts else nan}
+
+
 def _median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (target, level): the median of every numeric metric over the repeats."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -85,12 +98,14 @@ async def run_benchmark_async(targets: Sequence[Target], workload: Workload, con
         for kind, label, value in levels:
             for rep in range(repeat):
                 for target in targets:
+                    before = target.speculation_counters()
                     records, duration = await run_level(
                         target, workload.requests,
                         concurrency=int(value) if kind == "concurrency" else None,
                         request_rate=value if kind == "rate" else None, seed=rep, on_done=lambda: bar.update(1))
                     runs.append({"target": target.label, "load": label, "load_kind": kind, "load_value": value,
-                                 "repeat": rep, **compute_metrics(records, duration)})
+                                 "repeat": rep, **compute_metrics(records, duration),
+                                 **speculation_metrics(before, target.speculation_counters())})
                     pool = samples.setdefault(f"{target.label}|{label}", {"ttft_ms": [], "itl_ms": []})
                     pool["ttft_ms"] += [r.ttft * 1000 for r in records if r.ok and r.ttft is not None]
                     pool["itl_ms"] += [(b - a) * 1000 for r in records if r.ok

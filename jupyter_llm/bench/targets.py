@@ -36,10 +36,17 @@ class RequestRecord:
         return self.end
 
 
+SPEC_COUNTERS = ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens")
+
+
 class Target(Protocol):
     label: str
 
     async def send(self, request: BenchRequest) -> RequestRecord: ...
+
+    def speculation_counters(self) -> dict[str, int] | None:
+        """The engine's speculative-decoding counters now (None when it does not speculate or
+        cannot say); the runner turns their change over a run into acceptance figures."""
 
     async def close(self) -> None: ...
 
@@ -70,6 +77,10 @@ class BackendTarget:
             record.error = f"{type(error).__name__}: {error}"
         record.end = time.monotonic() - started
         return record
+
+    def speculation_counters(self) -> dict[str, int] | None:
+        extra = self.manager.info(self.name).extra
+        return {k: extra[k] for k in SPEC_COUNTERS} if all(k in extra for k in SPEC_COUNTERS) else None
 
     async def close(self) -> None:
         return None
@@ -139,6 +150,9 @@ class HTTPTarget:
         if usage:
             record.prompt_tokens = usage.get("prompt_tokens", 0)
             record.output_tokens = usage.get("completion_tokens", 0)
+
+    def speculation_counters(self) -> dict[str, int] | None:
+        return None  # a remote server's engine counters are not read (its /metrics has them)
 
     async def close(self) -> None:
         await self.client.aclose()

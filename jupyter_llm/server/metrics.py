@@ -1,13 +1,14 @@
 """Prometheus metrics with vLLM's names under the `jupyter_llm:` prefix, one registry per
-app. Engine gauges (requests running and waiting, KV cache use) are read from the
-backends' stats at scrape time; latencies and token counts are recorded per request."""
+app. Engine gauges (requests running and waiting, KV cache use, speculative decoding) are
+read from the backends' stats at scrape time; latencies and token counts are recorded per
+request."""
 from __future__ import annotations
 
 import time
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..params import Completion, TokenEvent
@@ -28,7 +29,17 @@ class EngineCollector(Collector):
     def __init__(self, manager: Any):
         self.manager = manager
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    # Speculative decoding, from a backend's stats: (stats key, metric name, help); counters first.
+    SPEC_COUNTERS = (("spec_num_drafts", "spec_decode_num_drafts", "Verifications of speculative guesses"),
+                     ("spec_num_draft_tokens", "spec_decode_num_draft_tokens", "Speculative tokens proposed"),
+                     ("spec_num_accepted_tokens", "spec_decode_num_accepted_tokens", "Speculative tokens accepted"))
+    SPEC_GAUGES = (("spec_acceptance_rate", "spec_decode_draft_acceptance_rate", "Accepted / proposed tokens"),
+                   ("spec_mean_accepted_length", "spec_decode_mean_acceptance_length",
+                    "Tokens emitted per verification (accepted guesses + 1)"),
+                   ("spec_speedup", "spec_decode_speedup",
+                    "Measured decode speed with guesses / without, over recent steps"))
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         running = GaugeMetricFamily(PREFIX + "num_requests_running", "Sequences running in the engine",
                                     labels=["model_name"])
         waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Sequences waiting to start",
@@ -37,7 +48,8 @@ class EngineCollector(Collector):
                                   labels=["model_name"])
         used = GaugeMetricFamily(PREFIX + "kv_cache_blocks_used", "KV cache blocks in use", labels=["model_name"])
         total = GaugeMetricFamily(PREFIX + "kv_cache_blocks_total", "KV cache blocks", labels=["model_name"])
-        for info in self._infos():
+        infos = self._infos()
+        for info in infos:
             running.add_metric([info.name], info.running)
             waiting.add_metric([info.name], info.waiting)
             blocks, capacity = info.extra.get("kv_blocks_used"), info.extra.get("kv_blocks_total")
@@ -46,6 +58,22 @@ class EngineCollector(Collector):
                 total.add_metric([info.name], capacity)
                 usage.add_metric([info.name], blocks / capacity)
         yield from (running, waiting, usage, used, total)
+        yield from self._speculative(infos)
+
+    def _speculative(self, infos: list[Any]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """vLLM's spec_decode metrics for backends that speculate (absent otherwise)."""
+        families = [(key, CounterMetricFamily(PREFIX + name, text, labels=["model_name"]))
+                    for key, name, text in self.SPEC_COUNTERS]
+        families += [(key, GaugeMetricFamily(PREFIX + name, text, labels=["model_name"]))
+                     for key, name, text in self.SPEC_GAUGES]
+        for info in infos:
+            for key, family in families:
+                value = info.extra.get(key)
+                if value is not None:
+                    family.add_metric([info.name], value)
+        for _, family in families:
+            if family.samples:
+                yield family
 
     def _infos(self) -> list[Any]:
         """Every backend's status row; one that cannot say (unloaded meanwhile, a remote one

@@ -86,6 +86,32 @@ def test_runner_on_real_backends_and_a_failing_target(manager, tiny_hf, tmp_path
     assert "output_throughput" in result.table()["text/plain"]
 
 
+def test_speculating_targets_report_acceptance(manager, tiny_llama, tiny_hf):
+    from jupyter_llm.bench.runner import speculation_metrics
+
+    assert speculation_metrics(None, None) == {}
+    assert speculation_metrics({"spec_num_drafts": 2, "spec_num_draft_tokens": 10, "spec_num_accepted_tokens": 4},
+                               {"spec_num_drafts": 6, "spec_num_draft_tokens": 30, "spec_num_accepted_tokens": 16}) \
+        == {"spec_acceptance_rate": 0.6, "spec_mean_accepted_length": 4.0}
+    previous = manager.default
+    manager.load("native", str(tiny_llama), name="bench-spec", progress=False, kv_cache_memory="8MiB",
+                 speculative="ngram")
+    manager.use(previous)
+    try:
+        workload = synthetic(4, 12, 16, seed=1)
+        result = run_benchmark([BackendTarget(manager, "bench-spec"), BackendTarget(manager, tiny_hf)], workload,
+                               concurrency=[2], progress=False)
+        spec, plain = result.rows
+        extra = manager.info("bench-spec").extra
+        assert 0 <= spec["spec_acceptance_rate"] <= 1 and spec["spec_mean_accepted_length"] >= 1
+        assert "spec_acceptance_rate" not in plain
+        assert extra["spec_num_drafts"] > 0
+        table = result.table()["text/plain"]
+        assert "spec_acceptance_rate" in table
+    finally:
+        manager.unload("bench-spec")
+
+
 def test_request_rate_open_loop(manager, tiny_hf):
     result = run_benchmark([BackendTarget(manager, tiny_hf)], synthetic(5, 4, 3), request_rate=50.0, progress=False)
     [row] = result.rows

@@ -165,6 +165,28 @@ def test_metrics_have_vllm_like_names(client):
     assert metric(text, "jupyter_llm:request_errors_total", code="model_not_found") >= 1
 
 
+def test_metrics_show_speculative_decoding(manager, tiny_llama, client):
+    previous = manager.default
+    manager.load("native", str(tiny_llama), name="tiny-spec", progress=False, kv_cache_memory="8MiB",
+                 speculative="ngram")
+    manager.use(previous)
+    try:
+        response = client.post("/v1/completions", json={"model": "tiny-spec", "prompt": "a b a b a b a b a b",
+                                                         "max_tokens": 24, "temperature": 0, "ignore_eos": True})
+        assert response.status_code == 200, response.text
+        text = client.get("/metrics").text
+        labels = {"model_name": "tiny-spec"}
+        drafts = metric(text, "jupyter_llm:spec_decode_num_drafts_total", **labels)
+        proposed = metric(text, "jupyter_llm:spec_decode_num_draft_tokens_total", **labels)
+        accepted = metric(text, "jupyter_llm:spec_decode_num_accepted_tokens_total", **labels)
+        assert drafts > 0 and proposed >= drafts and 0 <= accepted <= proposed
+        assert metric(text, "jupyter_llm:spec_decode_draft_acceptance_rate", **labels) == pytest.approx(
+            accepted / proposed, abs=1e-3)
+        assert "spec_decode" not in "".join(line for line in text.splitlines() if 'model_name="tiny-hf"' in line)
+    finally:
+        manager.unload("tiny-spec")
+
+
 def test_health_is_503_until_a_model_is_loaded(tiny_llama):
     empty = EngineManager()
     try:
