@@ -14,7 +14,10 @@ writes the new K/V into the pool at their slots, then:
     (`split_decode_groups`), so that short contexts are not padded to the longest one;
   * each multi-token chunk (a prefill) attends alone over exactly its own context, causally
     (with a mask only when a cached prefix precedes the chunk), so a 512-token chunk never
-    pads the decodes beside it to 512 queries.
+    pads the decodes beside it to 512 queries. A short chunk (at most SHORT_CHUNK tokens: a
+    speculative verification, the tail of a prompt) takes the decode path's two `bmm`s with a
+    causal bias instead of `scaled_dot_product_attention`, whose CPU kernel costs about 2 ms
+    per layer even for 6 queries over 300 keys.
 
 Everything that depends only on the batch (gather indices, masks) is built once per step in
 `AttentionMetadata.build`; masks are turned into additive float biases once per dtype.
@@ -39,6 +42,9 @@ def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+SHORT_CHUNK = 16  # chunks of at most this many tokens attend with bmm (see the module docstring)
+
+
 @dataclass
 class PrefillChunk:
     """A sequence with several new tokens: rows [start, start + num_tokens) of the flat batch."""
@@ -47,13 +53,17 @@ class PrefillChunk:
     num_tokens: int
     context_len: int  # tokens cached before the chunk plus the chunk
     block_table: torch.Tensor  # [blocks covering context_len]
-    mask: torch.Tensor | None  # [num_tokens, context_len] keep-mask when a cached prefix precedes; else causal
+    # [num_tokens, context_len] keep-mask when a cached prefix precedes or the chunk is short; else causal
+    mask: torch.Tensor | None
     _biases: dict = field(default_factory=dict, repr=False)
 
-    def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._biases:
-            self._biases[dtype] = _bias(self.mask, dtype)
-        return self._biases[dtype]
+    def bias(self, dtype: torch.dtype, group_size: int = 1) -> torch.Tensor:
+        """The additive mask, [num_tokens * group_size, context_len]: each token's row repeated for
+        the group_size query heads that share a KV head."""
+        key = (dtype, group_size)
+        if key not in self._biases:
+            self._biases[key] = _bias(self.mask, dtype).repeat_interleave(group_size, dim=0)
+        return self._biases[key]
 
 
 @dataclass
@@ -155,7 +165,7 @@ class AttentionMetadata:
             ctx = context_lens[b]
             table = torch.tensor(list(block_tables[b][: -(-ctx // block_size)]), device=device)
             mask = None
-            if ctx > n:  # a cached prefix: query i sits at position ctx - n + i
+            if ctx > n or n <= SHORT_CHUNK:  # query i sits at position ctx - n + i
                 keys = torch.arange(ctx, device=device)
                 mask = keys[None, :] <= (ctx - n + torch.arange(n, device=device))[:, None]
             prefills.append(PrefillChunk(starts[b], n, ctx, table, mask))
@@ -238,11 +248,20 @@ def paged_attention(
         outs.append(out.view(num_kv_heads, batch, group_size * head_dim).transpose(0, 1).reshape(batch, num_heads * head_dim))
     for chunk in meta.prefills:
         n, ctx = chunk.num_tokens, chunk.context_len
+        keys = k_heads.index_select(1, chunk.block_table).flatten(1, 2)[:, :ctx]  # [Hkv, ctx, D]
+        values = v_heads.index_select(1, chunk.block_table).flatten(1, 2)[:, :ctx]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        if n <= SHORT_CHUNK:
+            # [n, Hkv * G, D] -> [Hkv, n * G, D]: the G heads of each token share its KV head's keys.
+            qs = (q[chunk.start : chunk.start + n] * scale).view(n, num_kv_heads, group_size, head_dim)
+            qs = qs.transpose(0, 1).reshape(num_kv_heads, n * group_size, head_dim)
+            scores = torch.baddbmm(chunk.bias(q.dtype, group_size), qs, keys.transpose(1, 2))
+            out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [Hkv, n * G, D]
+            outs.append(out.view(num_kv_heads, n, group_size * head_dim).transpose(0, 1).reshape(n, num_heads * head_dim))
+            continue
         qp = q[chunk.start : chunk.start + n].unsqueeze(0).transpose(1, 2)  # [1, H, n, D]
-        keys = k_heads.index_select(1, chunk.block_table).flatten(1, 2)[:, :ctx].unsqueeze(0)  # [1, Hkv, ctx, D]
-        values = v_heads.index_select(1, chunk.block_table).flatten(1, 2)[:, :ctx].unsqueeze(0)
         bias = None if chunk.mask is None else chunk.bias(q.dtype)
-        out = _sdpa(qp, keys.to(q.dtype), values.to(q.dtype), bias, scale, causal=chunk.mask is None)
+        out = _sdpa(qp, keys.unsqueeze(0), values.unsqueeze(0), bias, scale, causal=chunk.mask is None)
         outs.append(out.transpose(1, 2).reshape(n, num_heads * head_dim))
     if meta.ordered:
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from jupyter_llm.backends.native import attention
-from jupyter_llm.backends.native.attention import AttentionMetadata, paged_attention, split_decode_groups
+from jupyter_llm.backends.native.attention import SHORT_CHUNK, AttentionMetadata, paged_attention, split_decode_groups
 
 BLOCK = 4
 
@@ -28,6 +28,7 @@ def naive_attention(q, k, v, num_cached, scale):
         ([6], [7], 2, 2),  # one sequence, prefill after a cached prefix
         ([4, 4, 0, 2], [1, 1, 5, 3], 4, 2),  # decodes first (equal contexts, no mask), then prefills
         ([0, 7, 0], [1, 1, 9], 4, 4),  # a one-token prompt is a decode; fresh prefill is plain causal
+        ([0, 9, 3], [20, 18, 6], 4, 2),  # chunks longer than SHORT_CHUNK (scaled_dot_product_attention) beside a short one
     ],
 )
 def test_paged_attention_matches_naive(cached, new, heads, kv_heads):
@@ -79,7 +80,12 @@ def test_metadata_groups_decodes_and_keeps_prefill_chunks_apart():
     mixed = AttentionMetadata.build([2, 1, 3], [2, 3, 7], [[0], [1], [4, 5]], [0, 1, 6, 20, 21, 22], BLOCK, "cpu")
     assert not mixed.ordered and mixed.decode_groups[0].rows.tolist() == [2]
     first, second = mixed.prefills
-    assert (first.start, first.num_tokens, first.context_len, first.mask) == (0, 2, 2, None)  # plain causal
+    assert (first.start, first.num_tokens, first.context_len) == (0, 2, 2)
+    assert first.mask.tolist() == [[True, False], [True, True]]  # short: causal bias for the bmm path
+    assert first.bias(torch.float32, group_size=2).shape == (4, 2)
+    long = AttentionMetadata.build([SHORT_CHUNK + 1], [SHORT_CHUNK + 1], [[0, 1, 2, 3, 4]], list(range(SHORT_CHUNK + 1)),
+                                   BLOCK, "cpu")
+    assert long.prefills[0].mask is None  # a long fresh prefill: is_causal, no mask
     assert (second.start, second.num_tokens, second.context_len) == (3, 3, 7)
     assert second.block_table.tolist() == [4, 5]
     assert second.mask.tolist()[0] == [True] * 5 + [False] * 2  # after a cached prefix of 4

@@ -12,6 +12,7 @@ from torch import nn
 from ..attention import AttentionMetadata, paged_attention
 from ..config import ModelConfig
 from ..kv_cache import KVCachePool
+from .head import vocab_logits
 
 
 class GPT2Attention(nn.Module):
@@ -74,6 +75,4 @@ class GPT2ForCausalLM(nn.Module):
         return self.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:  # tied embeddings
-            return F.linear(hidden, self.wte.weight)
-        return self.lm_head(hidden)  # nn.Linear, or the int8 one of quant.py
+        return vocab_logits(hidden, self.lm_head, self.wte.weight)  # lm_head None: tied embeddings

@@ -18,6 +18,7 @@ from torch import nn
 from ..attention import AttentionMetadata, paged_attention
 from ..config import ModelConfig
 from ..kv_cache import KVCachePool
+from .head import vocab_logits
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -194,6 +195,4 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:  # tied embeddings
-            return F.linear(hidden, self.embed_tokens.weight)
-        return self.lm_head(hidden)  # nn.Linear, or the int8 one of quant.py
+        return vocab_logits(hidden, self.lm_head, self.embed_tokens.weight)  # lm_head None: tied embeddings
