@@ -16,6 +16,7 @@ test: setup
 	npm --prefix labextension test --silent
 	.venv/bin/python -m pytest -q
 
-# JupyterLab + headless Chromium tests (playground widget, labextension); not yet in `make test`.
+# Only the JupyterLab + headless Chromium tests (playground widget, labextension; about a minute).
+# `make test` runs them too, last.
 test-browser: setup
 	.venv/bin/python -m pytest -q tests/browser

@@ -16,6 +16,12 @@ const NUMBERS = [
   ["logprobs", "alternatives", 0, 20, 1, false],
 ];
 
+// Sent with "generate" (SETTINGS in playground.py): ipywidgets holds state updates back while one
+// is unanswered, and a custom message would overtake them (a prompt typed just before Ctrl+Enter).
+const SETTINGS = ["prompt", "chat", "system", "backend", "compare", "max_tokens", "temperature", "top_p",
+  "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "seed_locked",
+  "stop_strings", "n", "logprobs", "ignore_eos"];
+
 function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
@@ -187,7 +193,8 @@ function tipContent(tokens) {
 }
 
 function render({ model, el }) {
-  const generate = () => model.send({ type: "generate" });
+  const generate = () => model.send({ type: "generate",
+    settings: Object.fromEntries(SETTINGS.map((name) => [name, model.get(name)])) });
   const onKey = (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();

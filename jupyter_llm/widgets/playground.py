@@ -31,6 +31,10 @@ _run_ids = itertools.count(1)
 PARAM_TRAITS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                 "presence_penalty", "frequency_penalty", "seed", "seed_locked", "stop_strings", "n",
                 "logprobs", "ignore_eos")
+# The settings the browser sends with its generate message (SETTINGS in playground.js): ipywidgets
+# sends one state update at a time and holds later ones back until the kernel has answered, but a
+# custom message goes at once, so Generate could overtake a prompt or a setting still held back.
+SETTINGS = ("prompt", "chat", "system", "backend", "compare") + PARAM_TRAITS
 
 
 class Playground(anywidget.AnyWidget):
@@ -219,12 +223,15 @@ class Playground(anywidget.AnyWidget):
 
     def _on_frontend_msg(self, widget: Any, content: Any, buffers: Any) -> None:
         kind = content.get("type") if isinstance(content, dict) else None
+        settings = content.get("settings") if kind == "generate" else None
         with self._lock:
-            self._handle(kind)
+            self._handle(kind, settings if isinstance(settings, dict) else None)
 
-    def _handle(self, kind: str | None) -> None:
+    def _handle(self, kind: str | None, settings: dict[str, Any] | None = None) -> None:
         try:
             if kind == "generate":
+                if settings:  # the values on show when Generate was pressed
+                    self.set_state({key: value for key, value in settings.items() if key in SETTINGS})
                 self.generate()
             elif kind == "stop":
                 self.stop()

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [pytest.mark.browser]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 NOTEBOOK = "labextension.ipynb"
 STOP = "jupyter-llm:stop-generation"
@@ -45,21 +45,6 @@ def _notebook(model_dir: str) -> dict:
             "nbformat": 4, "nbformat_minor": 5}
 
 
-KERNEL_IDLE = """() => {
-  const kernel = window.jupyterapp?.shell.currentWidget?.sessionContext?.session?.kernel;
-  return !!kernel && kernel.status === 'idle';
-}"""
-
-RUN_CELL = """async (index) => {
-  const app = window.jupyterapp;
-  const panel = app.shell.currentWidget;
-  panel.content.activeCellIndex = index;
-  panel.content.mode = 'command';
-  void app.commands.execute('notebook:run-cell');
-}"""
-
-CELL_COUNT = """(index) => window.jupyterapp.shell.currentWidget.content.widgets[index].model.executionCount"""
-
 # Spans of the editor of cell `index`, with their classes (the syntax highlighting tokens).
 TOKENS = """(index) => {
   const cell = window.jupyterapp.shell.currentWidget.content.widgets[index];
@@ -67,16 +52,40 @@ TOKENS = """(index) => {
     .map((span) => ({text: span.textContent, cls: span.className}));
 }"""
 
-# Runs the command and measures how long the kernel takes to be idle afterwards.
-STOP_AND_TIME = """async (command) => {
-  const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
-  const t0 = performance.now();
-  const idle = new Promise((resolve) => {
-    const check = () => kernel.status === 'idle' ? resolve(performance.now() - t0) : setTimeout(check, 10);
-    check();
+# Watches for the Stop generation shortcut: from its keydown, how long the kernel takes to be
+# idle, and which route the command took (what its execute() returned). Read with STOP_RESULT.
+WATCH_STOP = """(command) => {
+  const app = window.jupyterapp;
+  const kernel = app.shell.currentWidget.sessionContext.session.kernel;
+  const watch = window.jllmStopWatch = {executed: []};
+  app.commands.commandExecuted.connect((_, args) => {
+    watch.executed.push(args.id);
+    if (args.id === command) {
+      Promise.resolve(args.result).then((route) => { watch.route = route; },
+                                        (error) => { watch.route = `error: ${error}`; });
+    }
   });
-  const route = await window.jupyterapp.commands.execute(command);
-  return {route, ms: await idle};
+  document.addEventListener('keydown', (event) => {
+    if (event.key !== 'Shift' && event.key !== 'Control' && watch.t0 === undefined) {
+      watch.t0 = performance.now();
+      watch.key = {key: event.key, code: event.code, target: event.target.className};
+      const check = () => {
+        if (kernel.status === 'idle') watch.ms = performance.now() - watch.t0;
+        else setTimeout(check, 10);
+      };
+      check();
+    }
+  }, {capture: true});
+}"""
+STOP_RESULT = "() => window.jllmStopWatch"
+STOP_DONE = "() => window.jllmStopWatch.ms !== undefined && window.jllmStopWatch.route !== undefined"
+STOP_WITHIN_MS = 1500  # "about a second"; the docs measure ~60 ms on an idle machine
+# The notebook's node has the focus (command mode), so the shortcut's selector .jp-Notebook matches.
+FOCUS_NOTEBOOK = """() => {
+  const notebook = window.jupyterapp.shell.currentWidget.content;
+  notebook.mode = 'command';
+  notebook.node.focus();
+  return !!document.activeElement?.closest('.jp-Notebook');
 }"""
 
 
@@ -85,7 +94,7 @@ def _rate(text: str) -> float:
     return 0.0 if not match else float(match.group(1)) * (1000 if match.group(2) else 1)
 
 
-def test_labextension_in_jupyterlab(jupyter_lab, page, screenshots, tmp_path):
+def test_labextension_in_jupyterlab(jupyter_lab, notebook, page, screenshots, tmp_path):
     from playwright.sync_api import expect
 
     listed = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"], capture_output=True,
@@ -95,30 +104,27 @@ def test_labextension_in_jupyterlab(jupyter_lab, page, screenshots, tmp_path):
     assert re.search(r"jupyter-llm v[\d.]+ .*enabled", listed.stdout + listed.stderr)
 
     (jupyter_lab.root / NOTEBOOK).write_text(json.dumps(_notebook(str(tmp_path / "tiny-llama"))))
-    page.goto(jupyter_lab.open(NOTEBOOK))
-    page.wait_for_function(KERNEL_IDLE, timeout=120_000, polling=200)
+    notebook.open(NOTEBOOK)
     status = page.locator(STATUS)
     expect(status).to_be_hidden()  # jupyter_llm is not loaded yet: the status bar shows nothing
 
     # 1. Highlighting: the Python cell has a string token; the %%generate cell has none.
-    page.wait_for_function(f"() => ({TOKENS})(1).some((t) => t.text.includes(\"'it'\"))", polling=200)
+    notebook.wait(f"() => ({TOKENS})(1).some((t) => t.text.includes(\"'it'\"))",
+                  "the Python cell highlighted with a string token", 30)
     string_class = next(t["cls"] for t in page.evaluate(TOKENS, 1) if "'it'" in t["text"])
     assert string_class
     cell = page.locator(".jp-Notebook .jp-Cell").nth(2)
     expect(cell.locator(".cm-line.jllm-magic-line")).to_have_count(1)  # the magic line stays a magic
     expect(cell.locator(".cm-line.jllm-magic-line")).to_contain_text("%%generate --max-tokens 8")
-    page.wait_for_function(f"(cls) => !({TOKENS})(2).some((t) => t.cls === cls)", arg=string_class,
-                           timeout=10_000, polling=100)
+    notebook.wait(f"(cls) => !({TOKENS})(2).some((t) => t.cls === cls)",
+                  "the %%generate cell without Python string tokens", 10, arg=string_class, polling=100)
     tokens = page.evaluate(TOKENS, 2)
     assert not [t for t in tokens if t["cls"] == string_class], tokens
     assert not [t for t in tokens if "'" in t["text"] and t["cls"] == string_class]
     cell.screenshot(path=screenshots / "labextension-highlight.png")
 
     # 2. Status bar after %llm_backend.
-    page.evaluate(RUN_CELL, 0)
-    page.wait_for_function(f"() => ({CELL_COUNT})(0) !== null && ({KERNEL_IDLE})()", timeout=120_000, polling=200)
-    errors = page.locator("[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
-    assert errors == [], errors
+    notebook.run(0, timeout=120)
     expect(status).to_be_visible(timeout=10_000)
     expect(status).to_contain_text("LLM: hf")
     expect(status).to_contain_text("tiny-llama")
@@ -133,7 +139,7 @@ def test_labextension_in_jupyterlab(jupyter_lab, page, screenshots, tmp_path):
     expect(dialog).to_be_hidden()
 
     # 3. A long generation: the status bar shows it running with a non-zero tokens/s.
-    page.evaluate(RUN_CELL, 3)
+    notebook.start(3)
     expect(status).to_contain_text("running", timeout=30_000)
     deadline = time.monotonic() + 30
     while _rate(status.inner_text()) <= 0 and time.monotonic() < deadline:
@@ -144,22 +150,28 @@ def test_labextension_in_jupyterlab(jupyter_lab, page, screenshots, tmp_path):
     page.wait_for_timeout(1500)  # let it stream a while
     page.locator("#jp-main-statusbar").screenshot(path=screenshots / "labextension-statusbar.png")
 
-    # 4. Stop generation (command palette item, keyboard shortcut): done within a second, output kept.
+    # 4. Stop generation with its keyboard shortcut (issue #8): the generation ends within about a
+    # second, over the comm (no kernel interrupt), and the cell keeps what was generated.
     bindings = page.evaluate(f"() => window.jupyterapp.commands.keyBindings"
                              f".filter((b) => b.command === '{STOP}').map((b) => b.keys.join(' '))")
-    assert bindings, "no keyboard shortcut for Stop generation"
+    assert bindings == ["Ctrl Shift ."], bindings  # `Accel Shift .` in labextension/src/index.ts, on Linux
     assert page.evaluate(f"() => window.jupyterapp.commands.label('{STOP}')") == "Stop generation"
-    assert page.evaluate(KERNEL_IDLE) is False  # still generating
-    stopped = page.evaluate(STOP_AND_TIME, STOP)
-    assert stopped["ms"] < 1000, stopped
+    assert notebook.state()["status"] == "busy", "the generation ended before Stop generation"
+    page.evaluate(WATCH_STOP, STOP)
+    assert page.evaluate(FOCUS_NOTEBOOK), "the notebook does not have the focus"
+    page.keyboard.press("Control+Shift+Period")  # Accel is Control on Linux
+    notebook.wait(STOP_DONE, "Stop generation (Ctrl+Shift+.) ending the generation", 10, polling=50)
+    stopped = page.evaluate(STOP_RESULT)
+    assert STOP in stopped["executed"], stopped  # the shortcut ran the command
     assert stopped["route"] == "comm", stopped  # handled on a kernel subshell, no interrupt
+    assert stopped["ms"] < STOP_WITHIN_MS, stopped
     output = generating.locator(".jp-OutputArea").inner_text()
     assert "finish: cancelled" in output or "interrupted" in output, output
     text = generating.locator(".jp-OutputArea-output").first.inner_text()
     assert len(text.strip()) > 20, text  # what was generated stays
     expect(status).not_to_contain_text("running", timeout=5_000)
     generating.screenshot(path=screenshots / "labextension-stopped.png")
-    print(f"Stop generation: route={stopped['route']}, kernel idle after {stopped['ms']:.0f} ms")
+    print(f"Stop generation (keyboard): route={stopped['route']}, kernel idle after {stopped['ms']:.0f} ms")
 
     # The palette lists the command.
     page.keyboard.press("Escape")
@@ -167,3 +179,6 @@ def test_labextension_in_jupyterlab(jupyter_lab, page, screenshots, tmp_path):
     page.keyboard.type("Stop generation")
     expect(page.locator(".lm-CommandPalette-item", has_text="Stop generation").first).to_be_visible()
     page.keyboard.press("Escape")
+
+    for name in ("labextension-highlight.png", "labextension-statusbar.png", "labextension-stopped.png"):
+        assert (screenshots / name).stat().st_size > 1000, name

@@ -310,6 +310,32 @@ def test_a_new_view_gets_the_current_output_replayed(tiny_hf):
     assert recorder.messages == history
 
 
+def test_generate_from_the_browser_uses_the_settings_it_carries(tiny_hf):
+    # ipywidgets sends one state update at a time and holds later ones back until the kernel has
+    # answered; Generate (a custom message) would overtake them, so it carries the values on show.
+    widget, recorder = playground(tiny_hf, prompt="Old prompt", max_tokens=30, temperature=0.7)
+    settings = {"prompt": "Typed just before Ctrl+Enter", "max_tokens": 3, "temperature": 0, "n": 2,
+                "ignore_eos": True, "running": True, "backends": [], "unknown": 1}  # the last three: ignored
+    widget._handle_msg({"content": {"data": {"method": "custom", "content": {"type": "generate",
+                                                                           "settings": settings}}},
+                        "buffers": []})
+    completions = widget.wait(60)
+    assert (widget.prompt, widget.max_tokens, widget.temperature, widget.n) == (settings["prompt"], 3, 0, 2)
+    assert [c.completion_tokens for c in completions] == [3, 3] and widget.error == ""
+    assert len(recorder.of("start")[0]["columns"]) == 2 and tiny_hf in widget.backends
+    from_browser(widget, prompt=settings["prompt"], max_tokens=3)  # the held-back update, late: no change
+    assert widget.params.max_tokens == 3 and not widget.running
+
+
+def test_the_browser_and_python_agree_on_the_settings_sent_with_generate():
+    from jupyter_llm.widgets import playground as module
+
+    js = (ROOT / "jupyter_llm" / "widgets" / "playground.js").read_text()
+    listed = re.search(r"const SETTINGS = \[(.*?)\];", js, re.DOTALL).group(1)
+    assert sorted(re.findall(r'"(\w+)"', listed)) == sorted(module.SETTINGS)
+    assert set(module.SETTINGS) <= set(Playground.class_trait_names(sync=True))
+
+
 def test_llm_playground_magic_displays_the_widget(shell, tiny_hf):
     from IPython.utils.capture import capture_output
 
