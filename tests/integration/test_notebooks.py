@@ -36,3 +36,18 @@ def test_benchmarking(embedded_model):
     for target in ("native", "hf", "llamacpp", "llama-cpp-python server"):
         assert target in table
     assert "failed requests" not in table
+
+
+@pytest.mark.embedded
+def test_speculative_decoding(embedded_model):
+    nb = run(ROOT / "notebooks" / "07-speculative-decoding.ipynb")
+    assert error_outputs(nb) == []
+    streamed = next(i for i, c in enumerate(nb.cells) if c.source.startswith("%%generate --backend ngram"))
+    assert "received" in cell_text(nb, streamed)  # the typo fixed, as the prompt's other words copied
+    table = next(i for i, c in enumerate(nb.cells) if c.source.startswith("import pandas"))
+    text = cell_text(nb, table)
+    for column in ("decode tok/s", "speed-up", "acceptance", "same output as plain"):
+        assert column in text
+    assert "False" not in text  # greedy output identical with and without speculation
+    status = next(i for i, c in enumerate(nb.cells) if c.source.strip() == "%llm_backend")
+    assert "spec_acceptance_rate" in cell_text(nb, status)

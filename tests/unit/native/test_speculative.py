@@ -147,15 +147,23 @@ def test_sampled_verify_keeps_the_target_distribution(with_draft_probs):
 
 def test_backoff_skips_growing_after_repeated_misses_and_resets_on_success():
     backoff = Backoff()
-    backoff.record(0)
-    assert backoff.wants_guess()  # one miss: keep guessing
-    backoff.record(0)
+    backoff.record(0)  # average 0.5: below MIN_GAIN, skip one step
     assert [backoff.wants_guess() for _ in range(2)] == [False, True]
     backoff.record(0)
     assert [backoff.wants_guess() for _ in range(3)] == [False, False, True]
-    backoff.record(2)
     backoff.record(0)
+    assert [backoff.wants_guess() for _ in range(5)] == [False] * 4 + [True]
+    backoff.record(4)  # a good verification: back to guessing every step
+    assert backoff.wants_guess() and backoff.wants_guess()
+    backoff.record(0)  # one miss after successes: keep guessing
     assert backoff.wants_guess()
+    for _ in range(12):
+        backoff.record(0)
+        while not backoff.wants_guess():
+            pass
+    assert backoff.skip == 0 and backoff.misses >= 6
+    backoff.record(0)
+    assert backoff.skip == Backoff.MAX_SKIP
 
 
 def test_stats_measure_acceptance_length_and_speedup():
