@@ -54,10 +54,12 @@ PARAGRAPH = (
     "existing industries far more productive, while railways and steamships moved goods and people faster "
     "than ever before."
 )
-TYPOS = (
-    "Dear Mr Smith, thank you for you're letter of last week. We have recieved the documents and will "
-    "proces your aplication as soon as posible. Please dont hesitate to contact us if you have any "
-    "questoins about the next steps. Best regards, the admissions ofice."
+TYPOS = (  # a letter of about 90 words with six typos
+    "Dear Mr Smith, thank you for your letter of last week. We have recieved the documents you sent and "
+    "will process your application as soon as possible. The committee meets on the first Monday of every "
+    "month, so you can expect a decision by the end of next month. If any document is missing, we will "
+    "write to you before the meeting. Please dont hesitate to contact us if you have any questoins about "
+    "the next steps, or if your adress changes in the meantime. Best regards, the admisions office."
 )
 CODE = (
     "def mean(values):\n"

@@ -147,7 +147,8 @@ class NativeStepEngine(StepEngine):
             accepted = {c.seq.seq_id: len(emitted[c.seq.seq_id][0]) - 1 for c in sampling if c.guesses}
             for chunk in sampling:
                 if chunk.guesses:
-                    self.speculator.verified(chunk.seq.seq_id, len(chunk.guesses), accepted[chunk.seq.seq_id])
+                    self.speculator.verified(proposals[chunk.seq.seq_id], chunk.seq.seq_id, len(chunk.guesses),
+                                             accepted[chunk.seq.seq_id])
             self._roll_back_draft(proposals, base_len, accepted)
             if all(c.end - c.start == 1 for c in out.chunks):  # decode-only steps measure the speed-up
                 self.speculator.stats.record_step(time.perf_counter() - started, len(results), guessing)

@@ -128,36 +128,44 @@ class Proposal:
 
     tokens: list[int]
     probs: torch.Tensor | None = None  # [len(tokens), V], float32, rows sum to 1
+    source: int = -1  # prompt lookup: where in the sequence the guessed tokens were copied from
 
 
 # -- proposers -------------------------------------------------------------------------
 
 
-def ngram_propose(tokens: Sequence[int], k: int, min_n: int = 1, max_n: int = 4) -> list[int]:
+def ngram_propose(tokens: Sequence[int], k: int, min_n: int = 1, max_n: int = 4, after: int = 0
+                  ) -> tuple[list[int], int]:
     """Prompt lookup: find an earlier occurrence of the longest suffix of `tokens` (max_n down to
-    min_n tokens) and return up to k tokens that followed it ([] if none). Among occurrences of
-    that suffix the latest one with k tokens after it wins (in a repeating stretch, the very
-    latest is followed by fewer)."""
+    min_n tokens) and return up to k tokens that followed it, with their position in `tokens`
+    (([], -1) if none). Among occurrences of that suffix, the first one that continues at or
+    after position `after` wins (where the previous guesses came from, so a copy goes on
+    through the prompt in order); without one, the latest with k tokens after it (in a
+    repeating stretch, the very latest is followed by fewer)."""
     length = len(tokens)
     if length < min_n + 1 or k < 1:
-        return []
+        return [], -1
     arr = np.asarray(tokens)
     # Candidates: earlier positions holding the last token (the suffix's own end excluded).
     ends = np.flatnonzero(arr[: length - 1] == arr[-1])
-    best_end, best = -1, (0, 0)  # (match length, tokens after it, capped at k)
-    for end in ends[::-1]:  # latest first: on a tie the latest occurrence wins
+    best_n, found = 0, []
+    for end in ends[::-1]:  # latest first
         n = 1
         limit = min(max_n, end + 1)
         while n < limit and arr[end - n] == arr[length - 1 - n]:
             n += 1
-        score = (n, min(k, length - 1 - end))
-        if score > best:
-            best_end, best = int(end), score
-            if score == (max_n, k):
-                break
-    if best[0] < min_n:
-        return []
-    return arr[best_end + 1 : best_end + 1 + k].tolist()
+        if n > best_n:
+            best_n, found = n, []
+        if n == best_n:
+            found.append(int(end))
+    if best_n < min_n:
+        return [], -1
+    ahead = [end for end in found if end + 1 >= after]
+    if after and ahead:
+        end = min(ahead)
+    else:
+        end = next((e for e in found if length - 1 - e >= k), found[0])
+    return arr[end + 1 : end + 1 + k].tolist(), end + 1
 
 
 class DraftModelProposer:
@@ -392,6 +400,7 @@ class Speculator:
         self.draft = draft
         self.stats = SpeculationStats()
         self._backoff: dict[int, Backoff] = {}
+        self._cursor: dict[int, int] = {}  # prompt lookup: where the last accepted copy ended
         self._clock = time.perf_counter
 
     def propose(self, decoding: Sequence[tuple[Any, list[int]]], max_len: int) -> dict[int, Proposal]:
@@ -415,18 +424,21 @@ class Speculator:
         if config.method == "ngram":
             proposals = {}
             for seq, tokens, k in wanted:
-                guess = ngram_propose(tokens, k, config.prompt_lookup_min, config.prompt_lookup_max)
+                guess, source = ngram_propose(tokens, k, config.prompt_lookup_min, config.prompt_lookup_max,
+                                              self._cursor.get(seq.seq_id, 0))
                 if guess:
-                    proposals[seq.seq_id] = Proposal(guess)
+                    proposals[seq.seq_id] = Proposal(guess, source=source)
             return proposals
         assert self.draft is not None
         return self.draft.propose(wanted)
 
-    def verified(self, seq_id: int, proposed: int, accepted: int) -> None:
+    def verified(self, proposal: Proposal, seq_id: int, proposed: int, accepted: int) -> None:
         self.stats.record_verification(proposed, accepted)
         backoff = self._backoff.get(seq_id)
         if backoff is not None:
             backoff.record(accepted)
+        if proposal.source >= 0:  # the next lookup prefers to go on from here
+            self._cursor[seq_id] = proposal.source + accepted
 
     def committed(self, seq_id: int, num_valid: int) -> None:
         """The target holds K/V for the sequence's first num_valid tokens: roll the draft back to match."""
@@ -435,5 +447,6 @@ class Speculator:
 
     def remove(self, seq_id: int) -> None:
         self._backoff.pop(seq_id, None)
+        self._cursor.pop(seq_id, None)
         if self.draft is not None:
             self.draft.remove(seq_id)

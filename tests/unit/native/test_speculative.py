@@ -30,26 +30,40 @@ from tiny_models import tiny_llama_folder
 # -- n-gram proposer ------------------------------------------------------------------
 
 
+def guess(tokens, k, min_n=1, max_n=4, after=0):
+    return ngram_propose(tokens, k, min_n, max_n, after)[0]
+
+
 def test_ngram_proposes_what_followed_the_longest_latest_match():
     tokens = [1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 8, 1, 2, 3, 4]
     # Suffix [2, 3, 4] (and [1, 2, 3, 4]) occurred at the start: the 4-gram match wins over the later 3-gram.
-    assert ngram_propose(tokens, k=3, min_n=1, max_n=4) == [5, 9, 2]
+    assert ngram_propose(tokens, k=3, min_n=1, max_n=4) == ([5, 9, 2], 4)
     # Limited to 3-grams, the latest occurrence of [2, 3, 4] wins.
-    assert ngram_propose(tokens, k=3, min_n=1, max_n=3) == [7, 8, 1]
-    assert ngram_propose(tokens, k=1, min_n=1, max_n=3) == [7]
+    assert guess(tokens, k=3, max_n=3) == [7, 8, 1]
+    assert guess(tokens, k=1, max_n=3) == [7]
+
+
+def test_ngram_goes_on_from_where_the_last_copy_ended():
+    # " the" occurs twice in the "prompt"; after copying up to position 6 the later one is the right one.
+    prompt = [10, 11, 50, 12, 13, 14, 50, 15, 16]
+    output = [11, 99, 50]  # copied 11, then a token of its own (a corrected typo), then " the"
+    tokens = prompt + output
+    assert guess(tokens, k=2) == [15, 16]  # without a cursor: the latest occurrence
+    assert guess(tokens, k=2, after=2) == [12, 13]  # the first occurrence at or after the cursor
+    assert guess(tokens, k=2, after=5) == [15, 16]
 
 
 def test_ngram_respects_min_n_and_returns_nothing_without_match():
-    assert ngram_propose([1, 2, 3, 4], k=5) == []
+    assert ngram_propose([1, 2, 3, 4], k=5) == ([], -1)
     tokens = [7, 1, 2, 9, 3, 2]  # only the 1-gram [2] matches
-    assert ngram_propose(tokens, k=2, min_n=1, max_n=4) == [9, 3]
-    assert ngram_propose(tokens, k=2, min_n=2, max_n=4) == []
-    assert ngram_propose([5], k=3) == []
+    assert guess(tokens, k=2, min_n=1, max_n=4) == [9, 3]
+    assert guess(tokens, k=2, min_n=2, max_n=4) == []
+    assert guess([5], k=3) == []
     # The match may run up to the end of the sequence: fewer than k tokens then.
-    assert ngram_propose([4, 6, 4], k=5) == [6, 4]
+    assert guess([4, 6, 4], k=5) == [6, 4]
     # In a repeating stretch, an earlier occurrence with k tokens after it beats the latest one.
-    assert ngram_propose([3, 7, 7, 7, 7, 7, 7], k=3, max_n=2) == [7, 7, 7]
-    assert ngram_propose([1, 2, 1, 2, 1, 2], k=3, max_n=2) == [1, 2, 1]
+    assert guess([3, 7, 7, 7, 7, 7, 7], k=3, max_n=2) == [7, 7, 7]
+    assert guess([1, 2, 1, 2, 1, 2], k=3, max_n=2) == [1, 2, 1]
 
 
 # -- configuration --------------------------------------------------------------------
