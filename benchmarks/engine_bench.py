@@ -852,6 +852,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scenarios", help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all)")
     parser.add_argument("--batch", type=int, help="requests in the batch scenario (default 16; 4 with --quick)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per scenario (default 2; 1 with --quick)")
+    parser.add_argument("--concurrency", help="client counts of the mixed scenario (default 1,4,16; 1,4 with --quick)")
     parser.add_argument("--kv-cache-memory", help="native KV pool size (default: the engine's, 1 GiB on CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the results")
     parser.add_argument("--no-save", action="store_true", help="print the table only, save nothing")
@@ -870,6 +871,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes.repeats = args.repeats
     if args.batch:
         sizes.batch_requests = args.batch
+    if args.concurrency:
+        try:
+            sizes.concurrency = tuple(int(c) for c in args.concurrency.split(","))
+        except ValueError:
+            raise SystemExit(f"--concurrency expects client counts like 1,4,16, got {args.concurrency!r}") from None
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.threads, sizes, args.kv_cache_memory)))
         return {}

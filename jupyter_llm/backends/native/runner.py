@@ -26,14 +26,24 @@ class StepItem:
     slot_mapping: Sequence[int]
 
 
+# fbgemm's int8 GEMMs for a few rows ran 1.5-2.5x slower on two threads than on one when called
+# from a thread other than the main one (the compute thread always is), measured on the 2-core
+# development machine: batch 1 17 ms vs 29-38 ms per forward of SmolLM2; batch 16 41-50 vs 55-59;
+# at 32 the two were even. float32 forwards showed no such loss.
+INT8_ONE_THREAD_TOKENS = 16
+
+
 class ModelRunner:
     """Runs the model over a batch that mixes decode tokens and prefill chunks of several sequences."""
 
     def __init__(self, model: nn.Module, config: ModelConfig, kv_pool: KVCachePool) -> None:
+        from .quant import Int8Linear
+
         self.model = model
         self.config = config
         self.kv_pool = kv_pool
         self.device = kv_pool.k.device
+        self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
 
     @torch.inference_mode()
     def run(self, batch: Sequence[StepItem], num_logits: Sequence[int] | None = None) -> torch.Tensor:
@@ -69,10 +79,18 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
-        hidden = self.model(ids, pos, meta, self.kv_pool)
+        threads = torch.get_num_threads()
+        one_thread = self.int8 and len(input_ids) <= INT8_ONE_THREAD_TOKENS and threads > 1
+        if one_thread:
+            torch.set_num_threads(1)
         wanted = num_logits or [1] * len(batch)
         rows = [starts[i] + j for i in range(len(batch)) for j in range(query_lens[i] - wanted[i], query_lens[i])]
-        if rows != list(range(len(input_ids))):
-            hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
-        logits = self.model.compute_logits(hidden)
+        try:
+            hidden = self.model(ids, pos, meta, self.kv_pool)
+            if rows != list(range(len(input_ids))):
+                hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
+            logits = self.model.compute_logits(hidden)
+        finally:
+            if one_thread:
+                torch.set_num_threads(threads)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
