@@ -261,7 +261,7 @@ class ManagerEngine(Engine):
             await asyncio.gather(*(client() for _ in range(concurrency)))
             return time.monotonic() - start
 
-        wall = asyncio.run(main())
+        wall = self.manager.submit(main()).result()  # the manager's loop: works inside a notebook too
         return results, wall  # type: ignore[return-value]
 
     def greedy(self, prompts: list[list[int]], max_tokens: int, eos: frozenset[int]) -> list[list[int]]:
@@ -280,7 +280,7 @@ class ManagerEngine(Engine):
                 out += event.token_ids
             return until_eos(out, eos)
 
-        return [asyncio.run(complete(prompt)) for prompt in prompts]
+        return [self.manager.submit(complete(prompt)).result() for prompt in prompts]
 
     def close(self) -> None:
         self.manager.shutdown()

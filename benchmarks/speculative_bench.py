@@ -173,7 +173,7 @@ def closed_loop(manager: Any, name: str, workload: list[Any], concurrency: int) 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         return total / (time.perf_counter() - started)
 
-    return asyncio.run(main())
+    return manager.submit(main()).result()  # on the manager's loop (works inside a notebook too)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
