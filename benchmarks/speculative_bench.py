@@ -91,16 +91,19 @@ def load_engines(names: list[str], threads: int, kv: str) -> Any:
     return manager
 
 
-def spec_counters(manager: Any, name: str) -> tuple[int, int, int]:
-    extra = manager.info(name).extra
-    return (extra.get("spec_num_drafts", 0), extra.get("spec_num_draft_tokens", 0),
-            extra.get("spec_num_accepted_tokens", 0))
+def spec_counters(manager: Any, name: str) -> dict[str, int] | None:
+    from jupyter_llm.bench import BackendTarget
+
+    return BackendTarget(manager, name).speculation_counters()
 
 
-def acceptance(before: tuple[int, int, int], after: tuple[int, int, int]) -> tuple[float | None, float | None]:
-    """(acceptance rate, mean accepted length) between two counter snapshots."""
-    drafts, proposed, accepted = (a - b for a, b in zip(after, before))
-    return (accepted / proposed if proposed else None, (accepted + drafts) / drafts if drafts else None)
+def acceptance(before: dict[str, int] | None, after: dict[str, int] | None) -> tuple[float | None, float | None]:
+    """(acceptance rate, mean accepted length) between two counter snapshots (None where none)."""
+    from jupyter_llm.bench.runner import speculation_metrics
+
+    measured = speculation_metrics(before, after)
+    values = (measured.get("spec_acceptance_rate"), measured.get("spec_mean_accepted_length"))
+    return tuple(None if v is None or v != v else v for v in values)  # type: ignore[return-value]
 
 
 def run_single(manager: Any, names: list[str], tokens: int, repeats: int) -> dict[str, Any]:

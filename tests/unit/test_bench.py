@@ -11,6 +11,7 @@ from jupyter_llm.bench import (BackendTarget, BenchResult, HTTPTarget, RequestRe
                                parse_length, run_benchmark, synthetic)
 from jupyter_llm.bench.metrics import compute_metrics, percentile
 from jupyter_llm.params import ParamError
+from manager_helpers import load_keeping_default
 
 
 def test_metrics_are_exact_on_synthetic_timelines():
@@ -93,10 +94,8 @@ def test_speculating_targets_report_acceptance(manager, tiny_llama, tiny_hf):
     assert speculation_metrics({"spec_num_drafts": 2, "spec_num_draft_tokens": 10, "spec_num_accepted_tokens": 4},
                                {"spec_num_drafts": 6, "spec_num_draft_tokens": 30, "spec_num_accepted_tokens": 16}) \
         == {"spec_acceptance_rate": 0.6, "spec_mean_accepted_length": 4.0}
-    previous = manager.default
-    manager.load("native", str(tiny_llama), name="bench-spec", progress=False, kv_cache_memory="8MiB",
-                 speculative="ngram")
-    manager.use(previous)
+    load_keeping_default(manager, "native", str(tiny_llama), name="bench-spec", progress=False,
+                         kv_cache_memory="8MiB", speculative="ngram")
     try:
         workload = synthetic(4, 12, 16, seed=1)
         result = run_benchmark([BackendTarget(manager, "bench-spec"), BackendTarget(manager, tiny_hf)], workload,

@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from jupyter_llm.manager import EngineManager
+from manager_helpers import load_keeping_default
 from server_helpers import assert_openai_error, metric, running_server, sse_data, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -166,10 +167,8 @@ def test_metrics_have_vllm_like_names(client):
 
 
 def test_metrics_show_speculative_decoding(manager, tiny_llama, client):
-    previous = manager.default
-    manager.load("native", str(tiny_llama), name="tiny-spec", progress=False, kv_cache_memory="8MiB",
-                 speculative="ngram")
-    manager.use(previous)
+    load_keeping_default(manager, "native", str(tiny_llama), name="tiny-spec", progress=False,
+                         kv_cache_memory="8MiB", speculative="ngram")
     try:
         response = client.post("/v1/completions", json={"model": "tiny-spec", "prompt": "a b a b a b a b a b",
                                                          "max_tokens": 24, "temperature": 0, "ignore_eos": True})

@@ -29,7 +29,6 @@ guesses keep failing, and for the whole batch above `disable_by_batch_size` sequ
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -401,7 +400,6 @@ class Speculator:
         self.stats = SpeculationStats()
         self._backoff: dict[int, Backoff] = {}
         self._cursor: dict[int, int] = {}  # prompt lookup: where the last accepted copy ended
-        self._clock = time.perf_counter
 
     def propose(self, decoding: Sequence[tuple[Any, list[int]]], max_len: int) -> dict[int, Proposal]:
         """decoding: (sequence, its tokens) of every sequence whose next step is a decode."""

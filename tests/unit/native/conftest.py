@@ -9,6 +9,7 @@ import torch
 from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
 from jupyter_llm.backends.native.runner import ModelRunner, StepItem
+from manager_helpers import load_keeping_default
 
 VOCAB = 96
 
@@ -92,24 +93,15 @@ def engine_cls() -> type[MiniEngine]:
     return MiniEngine
 
 
-def _load_keeping_default(manager, *args, **kwargs) -> str:
-    """Load a backend into the session manager without making it the default for other tests."""
-    previous = manager.default
-    info = manager.load(*args, **kwargs)
-    if previous is not None:
-        manager.use(previous)
-    return info.name
-
-
 @pytest.fixture(scope="session")
 def embedded_native(manager, embedded_hf) -> str:
     """The embedded SmolLM2 on the native backend (float32), loaded once per test run."""
-    return _load_keeping_default(manager, "native", name="embedded-native", progress=False,
+    return load_keeping_default(manager, "native", name="embedded-native", progress=False,
                                  kv_cache_memory="256MiB", max_num_seqs=16)
 
 
 @pytest.fixture(scope="session")
 def tiny_native_unit(manager, tiny_llama) -> str:
     """The tiny llama of tests/tiny_models.py on the native backend."""
-    return _load_keeping_default(manager, "native", str(tiny_llama), name="unit-tiny-native", progress=False,
+    return load_keeping_default(manager, "native", str(tiny_llama), name="unit-tiny-native", progress=False,
                                  kv_cache_memory="8MiB", max_num_batched_tokens=32)

@@ -25,6 +25,7 @@ from jupyter_llm.backends.native.speculative import (
 )
 from jupyter_llm.params import GenerationRequest, ParamError, SamplingParams
 from jupyter_llm.sampling import SamplingState, processed_probs
+from manager_helpers import load_keeping_default
 from tiny_models import tiny_llama_folder
 
 # -- n-gram proposer ------------------------------------------------------------------
@@ -406,14 +407,6 @@ def test_requests_with_penalties_and_the_batch_size_limit_get_no_guesses(tiny_ta
 
 
 # -- the backend ----------------------------------------------------------------------
-
-
-def load_keeping_default(manager, *args, **kwargs) -> str:
-    previous = manager.default
-    info = manager.load(*args, **kwargs)
-    if previous is not None:
-        manager.use(previous)
-    return info.name
 
 
 def test_backend_options_status_and_vllm_dict(manager, tiny_llama):
