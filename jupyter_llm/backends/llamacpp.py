@@ -20,6 +20,7 @@ from ..sampling import Sampler
 from .base import BackendError, BackendOptions, Capabilities, package_availability
 from .gguf_tokenizer import gguf_tokenizer
 from .inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+from .llamacpp_probe import probe
 
 DEFAULT_N_CTX = 4096
 
@@ -106,13 +107,21 @@ class LlamaCppBackend(InProcessBackend):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        return package_availability(cls.install_hint, "llama_cpp", "torch")
+        ok, reason = package_availability(cls.install_hint, "llama_cpp", "torch")
+        if not ok:
+            return ok, reason
+        verdict = probe()  # in a subprocess, before llama.cpp is ever loaded in this one
+        return verdict.ok, verdict.reason
 
     def load(self, progress: bool = True) -> None:
-        import llama_cpp
-
         from ..models import resolve_model
         from ..progress import steps
+
+        spec = resolve_model(self.model_arg)
+        verdict = probe(spec.path if spec.is_gguf else None)
+        if not verdict.ok:
+            raise BackendError(verdict.reason)
+        import llama_cpp
 
         options: LlamaCppOptions = self.options  # type: ignore[assignment]
         if options.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
@@ -121,7 +130,6 @@ class LlamaCppBackend(InProcessBackend):
                                "--force-reinstall llama-cpp-python)")
         if options.n_ctx < 16 or options.n_batch < 1:
             raise BackendError(f"--n-ctx must be >= 16 and --n-batch >= 1 (got {options.n_ctx}, {options.n_batch})")
-        spec = resolve_model(self.model_arg)
         if not spec.is_gguf:
             raise BackendError(f"the llamacpp backend reads .gguf files; {spec.name!r} is not one "
                                f"(give a .gguf path, or use the hf or native backend)")
