@@ -56,6 +56,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from jupyter_llm.bench.machine import machine_info, machine_line  # noqa: E402
 
 ENGINES = ("native-fp32", "native-int8", "transformers", "llama.cpp", "onnx-fp32", "onnx-int8", "onnx-int4")
 SCENARIOS = ("uniform", "batch", "mixed", "single", "prefix", "quality")
@@ -762,7 +763,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Q4_1 GGUF; llama.cpp: the Q4_1 GGUF; onnx: ONNX Runtime GenAI exports of the float32 conversion with "
         f"fp32, int8 or int4 weights). Greedy, EOS ignored. Threads: {report['threads']} "
         f"(torch intra-op, llama.cpp, ONNX Runtime intra-op). Median of {sizes.repeats} interleaved repeat(s).",
-        f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}, transformers {env['transformers']}, "
+        f"Machine: {machine_line(env)}; transformers {env['transformers']}, "
         f"llama-cpp-python {env['llama_cpp']}, onnxruntime-genai {env.get('onnxruntime_genai', '—')}; "
         f"commit {env['commit']}.",
         "",
@@ -809,7 +810,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    import torch
+    import torch  # noqa: F401  (loaded, so that machine_info reports its build)
     import transformers
 
     try:
@@ -829,15 +830,7 @@ def environment() -> dict[str, Any]:
                                 timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+    return {**machine_info(), "transformers": transformers.__version__,
             "llama_cpp": llama_version, "onnxruntime_genai": onnx_version, "python": platform.python_version(),
             "commit": commit}
 
@@ -886,6 +879,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"skipping {', '.join(missing)}: {', '.join(sorted({ENGINE_MODULES[n] for n in missing}))} "
                   f"not installed", flush=True)
         names = [n for n in names if n not in missing]
+    if "llama.cpp" in names:  # a build that cannot run on this CPU must not kill the benchmark
+        from jupyter_llm.backends.llamacpp_probe import probe
+
+        verdict = probe()
+        if not verdict.ok:
+            if args.engines is not None:
+                raise SystemExit(f"llama.cpp: {verdict.reason}")
+            print(f"skipping llama.cpp: {verdict.reason}", flush=True)
+            names.remove("llama.cpp")
     scenarios = parse_list(args.scenarios, SCENARIOS, "scenario")
     import torch
 

@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from jupyter_llm.bench.machine import machine_info, machine_line  # noqa: E402
 
 ENGINES = {
     "plain": {},
@@ -256,13 +257,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def machine() -> str:
-    import platform
-
-    import torch
+    import torch  # noqa: F401  (loaded, so that the machine line names its build)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"load average at start {load:.1f}.")
+    return f"Machine: {machine_line(machine_info())}, load average at start {load:.1f}."
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -287,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (1 if args.quick else 3)
     levels = [int(c) for c in (args.concurrency or ("1,4" if args.quick else "1,4,16")).split(",")]
     report: dict[str, Any] = {"date": dt.date.today().isoformat(), "quick": args.quick, "engines": names,
-                              "threads": args.threads, "repeats": repeats, "tokens": tokens, "machine": machine()}
+                              "threads": args.threads, "repeats": repeats, "tokens": tokens, "machine": machine(),
+                              "machine_info": machine_info()}
     manager = load_engines(names, args.threads, args.kv_cache_memory)
     report["single"] = run_single(manager, names, tokens, repeats)
     report["requests"], report["concurrency_tokens"] = 16, tokens // 2

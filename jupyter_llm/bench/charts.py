@@ -6,6 +6,8 @@ import io
 import textwrap
 from typing import TYPE_CHECKING
 
+from .machine import same_cpu
+
 if TYPE_CHECKING:
     from .result import BenchResult
 
@@ -29,7 +31,10 @@ def plot_result(result: "BenchResult", compare: "BenchResult | None" = None):
     ax_tp, ax_ttft, ax_itl = fig.subplots(1, 3)
     kind = result.rows[0]["load_kind"] if result.rows else "concurrency"
     xlabel = "concurrency" if kind == "concurrency" else "request rate (req/s)"
-    runs = [(result, "", "-")] + ([(compare, " (earlier)", "--")] if compare is not None else [])
+    # An earlier run from another CPU is drawn as what it is, never as the same machine's figure.
+    earlier = " (earlier)" if compare is None or same_cpu(result.machine, compare.machine) else \
+        f" (earlier, other CPU: {compare.machine.get('cpu', '?')})"
+    runs = [(result, "", "-")] + ([(compare, earlier, "--")] if compare is not None else [])
     colors: dict[str, str] = {}  # one colour per target, shared by the earlier run
     for run, suffix, style in runs:
         for target, (xs, ys, _) in _series(run, "output_throughput").items():

@@ -57,9 +57,11 @@ class BenchResult:
 
     def table(self) -> dict[str, str]:
         from ..render import table_bundle
+        from .machine import machine_line
 
         rows = [{c: _format(c, row.get(c)) for c in TABLE_COLUMNS} for row in self.rows]
-        return table_bundle(rows, TABLE_COLUMNS, title=f"Benchmark ({self.config.get('repeat', 1)} repeat(s), medians)")
+        return table_bundle(rows, TABLE_COLUMNS, title=f"Benchmark ({self.config.get('repeat', 1)} repeat(s), medians) "
+                                                       f"on {machine_line(self.machine)}")
 
     def plot(self, compare: "BenchResult | None" = None):
         """A matplotlib Figure: throughput vs load, TTFT percentiles vs load, ITL distribution."""
