@@ -22,6 +22,7 @@ from .params import Completion, GenerationRequest, Message, ParamError, Sampling
 
 Prompt = str | list[Message]
 PREFERRED_BACKENDS = ("native", "hf")  # for the embedded model when nothing is loaded
+_JOIN_TIMEOUT_S = 60.0  # at shutdown, the longest wait for a compute thread to finish its step
 
 
 class QueueFullError(RuntimeError):
@@ -137,16 +138,20 @@ class EventStream:
         target = manager.get(backend)
         self.builder = CompletionBuilder(requests, target.kind, target.model_name)
         self.backend_name = manager.resolve_name(backend)
+        self._started = False  # the pump's body ran (a pump cancelled before its first step never does)
+        self._finished = threading.Event()  # set by a started pump once its requests have left the manager
         self._future = manager.submit(self._pump())
 
     async def _pump(self) -> None:
         try:
+            self._started = True
             async for event in self.manager.astream(self.requests, backend=self.backend_name):
                 self._events.put(event)
         except BaseException as error:  # handed to the iterating thread
             self._events.put(error)
         finally:
             self._events.put(self._END)
+            self._finished.set()
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self
@@ -167,10 +172,20 @@ class EventStream:
         self.builder.add(item)
         return item
 
-    def cancel(self) -> None:
-        """Stop every request of this stream and keep what was generated."""
+    def cancel(self, timeout: float = 30.0) -> None:
+        """Stop every request of this stream and keep what was generated. Returns once its
+        requests have left the manager, so their admission slots are free for the next call
+        (waits at most `timeout` s; never waits when called on the manager's own loop)."""
         self._future.cancel()
         self.builder.cancel_unfinished()
+        if threading.current_thread() is self.manager._thread or not self.manager.loop.is_running():
+            return
+        # The loop runs callbacks in order: once it has run this one, the pump has either
+        # started (and is unwinding its requests) or never will.
+        barrier = threading.Event()
+        self.manager.loop.call_soon_threadsafe(barrier.set)
+        if barrier.wait(timeout) and self._started:
+            self._finished.wait(timeout)
 
     def close(self) -> None:
         if not self.builder.done:
@@ -423,12 +438,18 @@ class EngineManager:
         if not self._loop.is_running():
             return
         for name in list(self._backends):
+            backend = self._backends.pop(name)
             try:
-                self._run(self._backends.pop(name).stop(), timeout)
-            except Exception:  # at exit, nothing may block or raise
+                self._run(backend.stop(), timeout)
+            except Exception:  # at exit, nothing may raise
                 pass
+            # Then, without the loop (a starved or stuck loop must not leave a compute thread inside
+            # torch or llama.cpp when the interpreter finalizes: that aborts the process).
+            backend.join(_JOIN_TIMEOUT_S)
         self._default = None
         self._loop.call_soon_threadsafe(self._loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
 
 _manager: EngineManager | None = None

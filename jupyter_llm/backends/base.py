@@ -169,6 +169,12 @@ class Backend(ABC):
     async def stop(self) -> None:
         """Cancel what runs and free resources."""
 
+    def join(self, timeout: float) -> bool:
+        """Stop and block the calling thread until this backend's own threads have ended, without
+        the manager's loop; True when none is left. At exit a daemon thread still inside native
+        code when the interpreter finalizes aborts the process. Default: no threads."""
+        return True
+
     # --- generation ---------------------------------------------------------------------
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:

@@ -112,15 +112,24 @@ class InProcessBackend(Backend):
         self._thread = threading.Thread(target=self._run, name=f"jupyter-llm-{self.kind}", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
+    def _request_stop(self) -> None:
         with self._wake:
             self._stopping = True
             self._wake.notify()
+
+    async def stop(self) -> None:
+        self._request_stop()
         # Poll rather than join in an executor: at interpreter exit executors refuse work, and a
         # compute thread still inside torch when the process ends aborts it.
         deadline = time.monotonic() + 30
         while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
+
+    def join(self, timeout: float) -> bool:
+        self._request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._thread is None or not self._thread.is_alive()
 
     # --- tokenizer services -----------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -68,10 +68,8 @@ def test_admission_queue_is_bounded(tiny_llama):
         next(stream)
         with pytest.raises(QueueFullError, match="the limit is 2"):
             m.generate("c", SamplingParams(max_tokens=2))
-        stream.cancel()
-        deadline = time.time() + 5
-        while m.inflight() and time.time() < deadline:
-            time.sleep(0.05)
+        stream.cancel()  # returns once both requests have left: their slots are free now
+        assert m.inflight() == 0
         assert m.generate("c", SamplingParams(max_tokens=2))[0].completion_tokens == 2
     finally:
         m.shutdown()
@@ -116,8 +114,6 @@ def test_a_failing_step_fails_its_requests_not_the_manager(manager, tiny_hf):
                             backend=tiny_hf)[0].completion_tokens == 3
 
 
-@pytest.mark.xfail(strict=False, reason="known: on a busy machine the exit sometimes aborts "
-                   "('terminate called without an active exception') while a compute thread is inside torch")
 def test_process_exits_promptly_without_shutdown(tiny_llama):
     code = textwrap.dedent(f"""
         import jupyter_llm as jl
@@ -131,6 +127,20 @@ def test_process_exits_promptly_without_shutdown(tiny_llama):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "started" in result.stdout and time.time() - start < 30
+
+
+def test_shutdown_ends_compute_threads_even_when_the_loop_cannot_stop_them(tiny_llama):
+    """A compute thread still inside torch when the interpreter finalizes aborts the process
+    ('terminate called without an active exception', from pybind11 re-taking the GIL). Here the
+    loop-side stop never ends, so only shutdown's own join can end the thread before exit."""
+    m = EngineManager()
+    m.load("hf", str(tiny_llama), progress=False)
+    backend = m.get()
+    backend.stop = lambda: asyncio.sleep(3600)  # a stop on the loop that never finishes
+    stream = m.stream("Hello", SamplingParams(max_tokens=100000, ignore_eos=True))
+    next(stream)
+    m.shutdown(timeout=0.2)
+    assert not backend._thread.is_alive(), "shutdown returned with the compute thread still running"
 
 
 def test_threads_option_is_per_backend(tiny_llama):
