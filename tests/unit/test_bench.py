@@ -86,6 +86,23 @@ def test_runner_on_real_backends_and_a_failing_target(manager, tiny_hf, tmp_path
     assert len(fig.axes) == 3 and figure_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "output_throughput" in result.table()["text/plain"]
 
+    # The saved run names its machine: CPU, instruction sets, torch build and threads.
+    from jupyter_llm.cpu import cpu_info
+
+    machine = again.machine
+    assert machine["cpu"] == cpu_info().model and machine["cpu_fingerprint"] == cpu_info().fingerprint
+    assert set(machine["isa"]) == {"avx2", "avx512", "avx512_bf16", "vnni", "amx"}
+    assert machine["isa"]["avx2"] == cpu_info().has("avx2")
+    assert machine["torch"]["version"].startswith("2.") and machine["torch"]["threads"] >= 1
+    assert machine["torch"]["cpu_capability"] in ("DEFAULT", "NO AVX", "AVX2", "AVX512", "VSX", "Z VECTOR", "SVE256")
+    assert cpu_info().model in result.table()["text/plain"]
+    labels = lambda figure: [line.get_label() for line in figure.axes[0].lines]  # noqa: E731
+    assert any(label.endswith("(earlier)") for label in labels(fig))
+    other = BenchResult.load(path)
+    other.machine = {**other.machine, "cpu": "Intel(R) Xeon(R) Platinum 8481C", "cpu_fingerprint": "another"}
+    assert any("(earlier, other CPU: Intel(R) Xeon(R) Platinum 8481C)" in label
+               for label in labels(result.plot(compare=other)))
+
 
 def test_speculating_targets_report_acceptance(manager, tiny_llama, tiny_hf):
     from jupyter_llm.bench.runner import speculation_metrics
