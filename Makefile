@@ -14,7 +14,7 @@ quickstart: setup
 
 test: setup
 	npm --prefix labextension test --silent
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -rs
 
 # Only the JupyterLab + headless Chromium tests (playground widget, labextension; about a minute).
 # `make test` runs them too, last.
