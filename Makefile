@@ -13,6 +13,7 @@ quickstart: setup
 	.venv/bin/python scripts/run_notebook.py notebooks/01-quickstart.ipynb
 
 test: setup
+	.venv/bin/ruff check jupyter_llm tests benchmarks scripts
 	npm --prefix labextension test --silent
 	.venv/bin/python -m pytest -q -rs
 

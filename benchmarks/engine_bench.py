@@ -48,7 +48,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -705,8 +705,10 @@ def ratios(summary: dict[str, dict[str, float]], sizes: Sizes) -> list[tuple[str
         ("single: native int8 / native fp32", of("native-int8", "native-fp32", "single_decode_tok_s"), 2.0),
         ("single: native int8 / llama.cpp", of("native-int8", "llama.cpp", "single_decode_tok_s"), 0.5),
         ("single: native fp32 / transformers", of("native-fp32", "transformers", "single_decode_tok_s"), None),
-        ("prefix TTFT: native fp32 cached / cold", of("native-fp32", "native-fp32", "prefix_ttft_cached", "prefix_ttft_cold"), 0.1),
-        ("prefix TTFT: native int8 cached / cold", of("native-int8", "native-int8", "prefix_ttft_cached", "prefix_ttft_cold"), 0.1),
+        ("prefix TTFT: native fp32 cached / cold",
+         of("native-fp32", "native-fp32", "prefix_ttft_cached", "prefix_ttft_cold"), 0.1),
+        ("prefix TTFT: native int8 cached / cold",
+         of("native-int8", "native-int8", "prefix_ttft_cached", "prefix_ttft_cold"), 0.1),
         ("single: onnx int4 / llama.cpp", of("onnx-int4", "llama.cpp", "single_decode_tok_s"), None),
         ("single: onnx int8 / native int8", of("onnx-int8", "native-int8", "single_decode_tok_s"), None),
         (f"{batch}: onnx int8 / native int8", of("onnx-int8", "native-int8", "batch_tok_s"), None),
@@ -783,7 +785,8 @@ def markdown(report: dict[str, Any]) -> str:
     if any("exact_match" in numbers for numbers in summary.values()):
         lines += ["", f"Quality, once per engine (not timed): exact match of {len(FACTS)} greedy completions of "
                   f"{FACT_TOKENS} tokens, each prompt alone, whose first word must be the answer (\"The capital of "
-                  "France is\" -> \"Paris\"); perplexity of a fixed text (a paragraph each of science, code and a letter) from "
+                  "France is\" -> \"Paris\"); perplexity of a fixed text (a paragraph each of science, code and a "
+                  "letter) from "
                   "the engine's logits, every token after the first scored. The same token ids for every engine."]
     if any("peak_mib" in numbers for numbers in summary.values()):
         lines += ["", "Memory: each engine alone in a fresh process (load, then one uniform batch); the peak "

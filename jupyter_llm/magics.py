@@ -267,7 +267,8 @@ class LLMMagics(Magics, Configurable):
             display(Image(figure_png(result.plot(compare))))
         failed = [r for r in result.rows if r["errors"]]
         for row in failed:
-            print(f"{row['target']} at {row['load']}: {row['errors']:g} failed requests, e.g. {row['error_examples'][0]}")
+            print(f"{row['target']} at {row['load']}: {row['errors']:g} failed requests, "
+                  f"e.g. {row['error_examples'][0]}")
         if args.output:
             self.shell.user_ns[args.output] = result
 

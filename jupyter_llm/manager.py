@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 from .backends import Backend, BackendError, backend_class
-from .params import Completion, GenerationRequest, Message, ParamError, SamplingParams, Timings, TokenEvent
+from .params import Completion, GenerationRequest, Message, ParamError, SamplingParams, TokenEvent
 
 Prompt = str | list[Message]
 PREFERRED_BACKENDS = ("native", "hf")  # for the embedded model when nothing is loaded

@@ -165,7 +165,8 @@ class SampleOutputProcessor:
         if stop is not None:
             event.stop_reason = stop
             return self._finish(event, "stop")
-        if len(self.output_ids) >= self.params.max_tokens or self.prompt_len + len(self.output_ids) >= self.max_model_len:
+        generated = len(self.output_ids)
+        if generated >= self.params.max_tokens or self.prompt_len + generated >= self.max_model_len:
             tail, _ = self.stop_matcher.feed(self.detokenizer.flush())
             event.text += tail + self.stop_matcher.flush()
             return self._finish(event, "length")

@@ -30,7 +30,8 @@ cells = [
         "                           '--interrupt_requests', 'False'],\n"
         "                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "llamacpp_url = f'http://127.0.0.1:{port}/v1'\n"
-        "for _ in range(300):\n    try:\n        if httpx.get(llamacpp_url + '/models', timeout=1).status_code == 200:\n"
+        "for _ in range(300):\n    try:\n"
+        "        if httpx.get(llamacpp_url + '/models', timeout=1).status_code == 200:\n"
         "            break\n    except httpx.HTTPError:\n        time.sleep(0.2)\n"
         "print('llama-cpp-python server at', llamacpp_url)"),
     new_markdown_cell("## One run, four targets, two concurrencies\n\nA synthetic workload: 8 prompts of "

@@ -171,7 +171,6 @@ class HFBackend(InProcessBackend):
         return package_availability(cls.install_hint, "torch", "transformers")
 
     def load(self, progress: bool = True) -> None:
-        import torch
         from transformers import AutoModelForCausalLM
 
         from ..models import ensure_hf_folder, resolve_model

@@ -131,7 +131,8 @@ def from_file(path: str | Path, max_tokens: LengthSpec = 64, seed: int = 0, chat
             if "messages" in item:
                 requests.append(BenchRequest(messages=item["messages"], max_tokens=tokens, ignore_eos=ignore_eos))
             else:
-                requests.append(BenchRequest(max_tokens=tokens, ignore_eos=ignore_eos, **_as_chat(item["prompt"], chat)))
+                requests.append(BenchRequest(max_tokens=tokens, ignore_eos=ignore_eos,
+                                             **_as_chat(item["prompt"], chat)))
         workload = Workload(requests)
     workload.description = {"kind": "file", "path": str(path), "num_prompts": len(workload), "chat": chat}
     return workload

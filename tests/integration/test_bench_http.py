@@ -43,7 +43,8 @@ def test_bench_over_http_agrees_with_server_metrics(manager, own_server):
     [row] = result.rows
     assert row["completed"] == 12 and row["errors"] == 0
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    server_ttft = delta[PREFIX + "time_to_first_token_seconds_sum"] / delta[PREFIX + "time_to_first_token_seconds_count"]
+    server_ttft = (delta[PREFIX + "time_to_first_token_seconds_sum"]
+                   / delta[PREFIX + "time_to_first_token_seconds_count"])
     assert delta[PREFIX + "time_to_first_token_seconds_count"] == 12
     assert row["mean_ttft_ms"] / 1000 == pytest.approx(server_ttft, rel=0.10)
     server_tokens = delta[PREFIX + "generation_tokens_total"]

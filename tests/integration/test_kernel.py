@@ -36,8 +36,8 @@ def test_interrupt_cancels_keeps_partial_output_and_next_request_works(kernel):
             if seen["updates"] == 3:
                 kernel.interrupt()
 
-    result = kernel.run("%%generate --max-tokens 100000 --ignore-eos --temperature 1 --seed 1 -o partial\nOnce upon a time", on_output=on_output,
-                        timeout=120)
+    result = kernel.run("%%generate --max-tokens 100000 --ignore-eos --temperature 1 --seed 1 -o partial\n"
+                        "Once upon a time", on_output=on_output, timeout=120)
     assert seen["updates"] >= 3
     assert "interrupted: generation cancelled, partial output kept" in result.text
     check = kernel.run("print(partial[0].finish_reason, len(partial[0].token_ids) > 0, len(partial[0].text) > 0)")

@@ -26,6 +26,7 @@ def test_onnx_notebook(embedded_model):
     cells = {c.source.splitlines()[0]: outputs(c) for c in nb.cells if c.cell_type == "code" and c.source}
     assert "Paris" in cells["%%generate --backend onnx-fp32 --temperature 0 --max-tokens 12"]
     assert "static" in cells["import jupyter_llm as jl"]
-    table = cells["%run ../benchmarks/engine_bench.py --quick --engines onnx-fp32,onnx-int8,onnx-int4 --scenarios single,batch,quality --batch 8 --no-memory --no-save --quiet"]
+    table = cells["%run ../benchmarks/engine_bench.py --quick --engines onnx-fp32,onnx-int8,onnx-int4 "
+                  "--scenarios single,batch,quality --batch 8 --no-memory --no-save --quiet"]
     for word in ("fp32", "int8", "int4", "exact match", "perplexity"):
         assert word in table

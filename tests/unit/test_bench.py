@@ -47,7 +47,10 @@ def test_workloads(tmp_path):
     w = synthetic(20, (32, 512), (16, 256), seed=1)
     assert len(w) == 20 and all(16 <= r.max_tokens <= 256 and r.ignore_eos for r in w.requests)
     assert all(32 <= len(r.prompt.split()) <= 512 for r in w.requests)
-    assert [r.prompt for r in synthetic(5, 8, 4, seed=1).requests] == [r.prompt for r in synthetic(5, 8, 4, seed=1).requests]
+    def prompts():
+        return [r.prompt for r in synthetic(5, 8, 4, seed=1).requests]
+
+    assert prompts() == prompts()
     assert synthetic(3, 8, 4, chat=True).requests[0].messages[0]["role"] == "user"
     assert from_prompts(["a", [{"role": "user", "content": "b"}]], 5).requests[1].messages is not None
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
@@ -70,7 +73,8 @@ def test_runner_on_real_backends_and_a_failing_target(manager, tiny_hf, tmp_path
     ours = df[df["target"] == tiny_hf]
     assert (ours["completed"] == 6).all() and (ours["errors"] == 0).all() and (ours["repeats"] == 2).all()
     assert (ours["output_throughput"] > 0).all() and (ours["p99_ttft_ms"] >= ours["p50_ttft_ms"]).all()
-    assert ours["total_output_tokens"].iloc[0] == sum(r.max_tokens for r in synthetic(6, (4, 12), (3, 6), seed=2).requests)
+    expected_tokens = sum(r.max_tokens for r in synthetic(6, (4, 12), (3, 6), seed=2).requests)
+    assert ours["total_output_tokens"].iloc[0] == expected_tokens
     theirs = df[df["target"] == dead.label]
     assert (theirs["errors"] == 6).all() and (theirs["completed"] == 0).all()
     assert "ConnectError" in theirs["error_examples"].iloc[0][0]
@@ -96,7 +100,9 @@ def test_runner_on_real_backends_and_a_failing_target(manager, tiny_hf, tmp_path
     assert machine["torch"]["version"].startswith("2.") and machine["torch"]["threads"] >= 1
     assert machine["torch"]["cpu_capability"] in ("DEFAULT", "NO AVX", "AVX2", "AVX512", "VSX", "Z VECTOR", "SVE256")
     assert cpu_info().model in result.table()["text/plain"]
-    labels = lambda figure: [line.get_label() for line in figure.axes[0].lines]  # noqa: E731
+    def labels(figure):
+        return [line.get_label() for line in figure.axes[0].lines]
+
     assert any(label.endswith("(earlier)") for label in labels(fig))
     other = BenchResult.load(path)
     other.machine = {**other.machine, "cpu": "Intel(R) Xeon(R) Platinum 8481C", "cpu_fingerprint": "another"}

@@ -25,7 +25,8 @@ def test_bad_input_is_one_line(tiny_llama):
     result = subprocess.run(CLI + ["generate", "--backend", "hf", "--model", str(tiny_llama), "x",
                                    "--temperature", "-2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "jupyter-llm: error: temperature must be >= 0 (0 = greedy), got -2.0"
+    assert result.stderr.strip().splitlines()[-1] == ("jupyter-llm: error: temperature must be >= 0 (0 = greedy), "
+                                                      "got -2.0")
 
 
 def test_backends_lists_kinds():

@@ -67,7 +67,8 @@ def report(summary: dict, quick: bool = True) -> dict:
 
 
 def test_markdown_table_has_the_onnx_columns_and_only_the_rows_that_ran():
-    summary = {"native-fp32": {"batch_tok_s": 50.0, "single_decode_tok_s": 17.0, "exact_match": 9, "perplexity": 13.771},
+    summary = {"native-fp32": {"batch_tok_s": 50.0, "single_decode_tok_s": 17.0, "exact_match": 9,
+                               "perplexity": 13.771},
                "onnx-int4": {"batch_tok_s": 99.24, "single_decode_tok_s": 33.1, "exact_match": 7,
                              "perplexity": float("nan")}}
     text = eb.markdown(report(summary))

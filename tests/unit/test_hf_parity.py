@@ -9,8 +9,9 @@ def reference(model, tokenizer, prompt_ids, max_new_tokens):
     """transformers' greedy tokens, without the EOS token that ends them (ours never includes it)."""
     eos = list(tokenizer.eos_token_ids)
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=eos[0], eos_token_id=eos)
+        out = model.generate(torch.tensor([prompt_ids]),
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=eos[0], eos_token_id=eos)
     new = out[0, len(prompt_ids):].tolist()
     ends = [i for i, t in enumerate(new) if t in eos]
     return new[:ends[0]] if ends else new

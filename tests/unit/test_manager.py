@@ -16,7 +16,8 @@ def test_build_requests_prompt_chat_and_conversations():
     assert r.prompt == "hi" and not r.is_chat
     [r] = build_requests("hi", chat=True, system="be brief")
     assert r.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+               {"role": "user", "content": "c"}]
     [r] = build_requests(history, chat=True)
     assert r.messages == history
     assert len(build_requests(["a", "b", history], chat=True)) == 3

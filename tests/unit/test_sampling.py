@@ -27,7 +27,8 @@ def test_same_seed_same_tokens_alone_or_batched():
 
 def test_n_samples_of_one_seed_differ_but_reproduce():
     logits = torch.zeros(1, 1000)
-    draws = lambda i: [Sampler()(logits, [s]).token_ids[0] for s in [state(seed=5, sample_index=i)] * 5]
+    def draws(i):
+        return [Sampler()(logits, [s]).token_ids[0] for s in [state(seed=5, sample_index=i)] * 5]
     assert draws(0) == draws(0)
     assert draws(0) != draws(1)
 

@@ -96,7 +96,8 @@ GROUP_COST_ROWS = 128
 MAX_DECODE_GROUPS = 8
 
 
-def split_decode_groups(lengths: Sequence[int], cost: int | None = None, max_groups: int = MAX_DECODE_GROUPS) -> list[int]:
+def split_decode_groups(lengths: Sequence[int], cost: int | None = None,
+                        max_groups: int = MAX_DECODE_GROUPS) -> list[int]:
     """For contexts sorted ascending, the end index of each group that minimizes
     sum(group size * its longest context) + cost per group (a small dynamic program)."""
     cost = GROUP_COST_ROWS if cost is None else cost
@@ -236,7 +237,8 @@ def paged_attention(
         rows = num_kv_heads * batch
         qd = q[group.rows] if isinstance(group.rows, slice) else q.index_select(0, group.rows)
         # [B, Hkv * G, D] -> [Hkv * B, G, D], pre-scaled
-        qd = (qd * scale).view(batch, num_kv_heads, group_size, head_dim).transpose(0, 1).reshape(rows, group_size, head_dim)
+        qd = (qd * scale).view(batch, num_kv_heads, group_size, head_dim).transpose(0, 1)
+        qd = qd.reshape(rows, group_size, head_dim)
         keys = k_heads.index_select(1, group.tables).view(rows, -1, head_dim)
         values = v_heads.index_select(1, group.tables).view(rows, -1, head_dim)
         if keys.shape[1] != length:
@@ -245,7 +247,8 @@ def paged_attention(
         bias = group.bias(q.dtype, num_kv_heads)
         scores = torch.bmm(qd, keys.transpose(1, 2)) if bias is None else torch.baddbmm(bias, qd, keys.transpose(1, 2))
         out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [Hkv * B, G, D]
-        outs.append(out.view(num_kv_heads, batch, group_size * head_dim).transpose(0, 1).reshape(batch, num_heads * head_dim))
+        out = out.view(num_kv_heads, batch, group_size * head_dim).transpose(0, 1)
+        outs.append(out.reshape(batch, num_heads * head_dim))
     for chunk in meta.prefills:
         n, ctx = chunk.num_tokens, chunk.context_len
         keys = k_heads.index_select(1, chunk.block_table).flatten(1, 2)[:, :ctx]  # [Hkv, ctx, D]
@@ -257,7 +260,8 @@ def paged_attention(
             qs = qs.transpose(0, 1).reshape(num_kv_heads, n * group_size, head_dim)
             scores = torch.baddbmm(chunk.bias(q.dtype, group_size), qs, keys.transpose(1, 2))
             out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [Hkv, n * G, D]
-            outs.append(out.view(num_kv_heads, n, group_size * head_dim).transpose(0, 1).reshape(n, num_heads * head_dim))
+            out = out.view(num_kv_heads, n, group_size * head_dim).transpose(0, 1)
+            outs.append(out.reshape(n, num_heads * head_dim))
             continue
         qp = q[chunk.start : chunk.start + n].unsqueeze(0).transpose(1, 2)  # [1, H, n, D]
         bias = None if chunk.mask is None else chunk.bias(q.dtype)

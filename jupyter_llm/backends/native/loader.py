@@ -135,7 +135,8 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _load_hf(hf: StateDict, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> tuple[nn.Module, ModelConfig]:
+def _load_hf(hf: StateDict, cfg: ModelConfig, dtype: torch.dtype,
+             device: torch.device | str) -> tuple[nn.Module, ModelConfig]:
     convert = _llama_from_hf if cfg.architecture == "llama" else _gpt2_from_hf
     return _instantiate(cfg, convert(hf, cfg), dtype, device), cfg
 
@@ -171,7 +172,8 @@ def _gpt2_from_hf(hf: StateDict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {k: sd[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
-    conv1d = {"attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.out_proj", "mlp.c_fc": "mlp.fc_in", "mlp.c_proj": "mlp.fc_out"}
+    conv1d = {"attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.out_proj",
+              "mlp.c_fc": "mlp.fc_in", "mlp.c_proj": "mlp.fc_out"}
     for i in range(cfg.num_layers):
         p = f"h.{i}."
         q = f"layers.{i}."
@@ -183,7 +185,8 @@ def _gpt2_from_hf(hf: StateDict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def _instantiate(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def _instantiate(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str) -> nn.Module:
     """Build the model without initializing it (meta device), then take `weights` as its parameters."""
     with torch.device("meta"):
         model = build_model(cfg)

@@ -58,7 +58,8 @@ class ModelRunner:
         the caller's order."""
         query_lens = [len(item.token_ids) for item in batch]
         # Decodes first, shortest context first (attention groups them by length), then chunks.
-        order = sorted(range(len(batch)), key=lambda i: (query_lens[i] != 1, batch[i].start_pos if query_lens[i] == 1 else 0))
+        order = sorted(range(len(batch)),
+                       key=lambda i: (query_lens[i] != 1, batch[i].start_pos if query_lens[i] == 1 else 0))
         positions: list[int] = []
         input_ids: list[int] = []
         slots: list[int] = []

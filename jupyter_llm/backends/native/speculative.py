@@ -75,7 +75,8 @@ class SpeculativeConfig:
             raise ParamError(f"--speculative-disable-by-batch-size must be >= 1, got {self.disable_by_batch_size}")
 
     @classmethod
-    def from_options(cls, speculative: str | None, speculative_config: dict | str | None, **fields: Any) -> SpeculativeConfig | None:
+    def from_options(cls, speculative: str | None, speculative_config: dict | str | None,
+                     **fields: Any) -> SpeculativeConfig | None:
         """The config from `--speculative` and friends, or from vLLM's `speculative_config` dict
         (keys method, model, num_speculative_tokens, prompt_lookup_min/max, quantization,
         disable_by_batch_size; a JSON string from a magic line). None when not speculating."""
@@ -95,7 +96,8 @@ class SpeculativeConfig:
                 raise ParamError(f"unknown speculative_config key(s) {', '.join(unknown)}; accepted: "
                                  f"{', '.join(sorted(_CONFIG_KEYS))}")
             config = dict(speculative_config)
-            method = config.pop("method", None) or ("draft" if config.get("model") or config.get("quantization") else None)
+            drafts = config.get("model") or config.get("quantization")
+            method = config.pop("method", None) or ("draft" if drafts else None)
             if speculative is None:
                 speculative = method
             if "model" in config:

@@ -28,7 +28,7 @@ def naive_attention(q, k, v, num_cached, scale):
         ([6], [7], 2, 2),  # one sequence, prefill after a cached prefix
         ([4, 4, 0, 2], [1, 1, 5, 3], 4, 2),  # decodes first (equal contexts, no mask), then prefills
         ([0, 7, 0], [1, 1, 9], 4, 4),  # a one-token prompt is a decode; fresh prefill is plain causal
-        ([0, 9, 3], [20, 18, 6], 4, 2),  # chunks longer than SHORT_CHUNK (scaled_dot_product_attention) beside a short one
+        ([0, 9, 3], [20, 18, 6], 4, 2),  # chunks longer than SHORT_CHUNK (SDPA) beside a short one
     ],
 )
 def test_paged_attention_matches_naive(cached, new, heads, kv_heads):
@@ -58,7 +58,8 @@ def test_paged_attention_matches_naive(cached, new, heads, kv_heads):
     v_new = torch.cat([vv[c:] for vv, c in zip(full_v, cached)])
     out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, scale=dim**-0.5)
 
-    expected = torch.cat([naive_attention(qq, kk, vv, c, dim**-0.5) for qq, kk, vv, c in zip(qs, full_k, full_v, cached)])
+    expected = torch.cat([naive_attention(qq, kk, vv, c, dim**-0.5)
+                          for qq, kk, vv, c in zip(qs, full_k, full_v, cached)])
     assert out.shape == (sum(new), heads * dim)
     torch.testing.assert_close(out, expected)
     flat_k = k_cache.view(-1, kv_heads, dim)
@@ -83,8 +84,8 @@ def test_metadata_groups_decodes_and_keeps_prefill_chunks_apart():
     assert (first.start, first.num_tokens, first.context_len) == (0, 2, 2)
     assert first.mask.tolist() == [[True, False], [True, True]]  # short: causal bias for the bmm path
     assert first.bias(torch.float32, group_size=2).shape == (4, 2)
-    long = AttentionMetadata.build([SHORT_CHUNK + 1], [SHORT_CHUNK + 1], [[0, 1, 2, 3, 4]], list(range(SHORT_CHUNK + 1)),
-                                   BLOCK, "cpu")
+    long = AttentionMetadata.build([SHORT_CHUNK + 1], [SHORT_CHUNK + 1], [[0, 1, 2, 3, 4]],
+                                   list(range(SHORT_CHUNK + 1)), BLOCK, "cpu")
     assert long.prefills[0].mask is None  # a long fresh prefill: is_causal, no mask
     assert (second.start, second.num_tokens, second.context_len) == (3, 3, 7)
     assert second.block_table.tolist() == [4, 5]

@@ -13,7 +13,7 @@ import torch
 from jupyter_llm.backends.base import BackendError, options_from_args
 from jupyter_llm.backends.native.backend import NativeBackend, NativeOptions, parse_memory
 from jupyter_llm.backends.native.loader import load_model
-from jupyter_llm.params import GenerationRequest, ParamError, SamplingParams
+from jupyter_llm.params import ParamError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 TINY_PROMPTS = ["Hello world", "The capital of France is", "def add(a, b):", "Once upon a time there was",
@@ -26,8 +26,9 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     eos, config.eos_token_id = config.eos_token_id, None
     try:
         with torch.inference_mode():
-            out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                 do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0, pad_token_id=0)
+            out = model.generate(torch.tensor([prompt_ids]),
+                                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), do_sample=False,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=0, pad_token_id=0)
     finally:
         config.eos_token_id = eos
     return out[0, len(prompt_ids):].tolist()
@@ -282,7 +283,8 @@ def test_book_gpt2_folder_loads_and_generates_like_the_book(book_folder, monkeyp
     try:
         backend = manager.get("book-native")
         assert backend.eos_token_ids == frozenset({50256})
-        [c] = manager.generate("Hi!", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), backend="book-native")
+        [c] = manager.generate("Hi!", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+                               backend="book-native")
         ids = list(b"Hi!")
         with torch.inference_mode():
             for _ in range(10):

@@ -320,8 +320,8 @@ def test_sampled_distribution_with_speculation_matches_without(tiny_target, tiny
         return Counter(tuple(s.output_ids[:3]) for s in seqs)
 
     plain = sample(engine(tiny_target, max_num_seqs=256, num_blocks=2048), 1)
-    spec_engine = engine(tiny_target, tiny_draft, SpeculativeConfig(method="draft", num_speculative_tokens=2,
-                                                                    draft_model="tiny"), max_num_seqs=256, num_blocks=2048)
+    config = SpeculativeConfig(method="draft", num_speculative_tokens=2, draft_model="tiny")
+    spec_engine = engine(tiny_target, tiny_draft, config, max_num_seqs=256, num_blocks=2048)
     speculative = sample(spec_engine, 2)
     assert spec_engine.speculator.stats.num_accepted_tokens > 0.2 * draws
     assert chi_square_p_value(plain, speculative) > 1e-3
@@ -470,8 +470,8 @@ EMBEDDED_PROMPTS = [GROUNDED, "Fix the typos: Teh cat sat on teh mat and lokked 
 
 
 @pytest.mark.embedded
-@pytest.mark.parametrize("options", [{"speculative": "ngram"},
-                                     {"speculative": "draft", "draft_quantization": "int8"}], ids=["ngram", "int8-draft"])
+@pytest.mark.parametrize("options", [{"speculative": "ngram"}, {"speculative": "draft", "draft_quantization": "int8"}],
+                         ids=["ngram", "int8-draft"])
 def test_embedded_greedy_output_is_identical_alone_and_batched(manager, embedded_native, options):
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     expected = [c.token_ids for c in manager.generate(EMBEDDED_PROMPTS, params, backend=embedded_native)]

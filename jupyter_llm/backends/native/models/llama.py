@@ -107,12 +107,14 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata, kv_pool: KVCachePool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata,
+                kv_pool: KVCachePool) -> torch.Tensor:
         """The attention output before o_proj, [T, q_size]."""
         qkv = self.qkv_proj(x)
         num_tokens, heads = qkv.shape[0], self.num_heads
         # RoPE on q and k together (one op), straight from the fused projection.
-        qk = apply_rope_interleaved(qkv[:, : self.qk_size].view(num_tokens, heads + self.num_kv_heads, self.head_dim), rope)
+        qk = qkv[:, : self.qk_size].view(num_tokens, heads + self.num_kv_heads, self.head_dim)
+        qk = apply_rope_interleaved(qk, rope)
         v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         return paged_attention(qk[:, :heads], qk[:, heads:], v, kv_pool.k[self.layer_idx], kv_pool.v[self.layer_idx],
                                meta, self.scale)
@@ -151,7 +153,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.eps = config.norm_eps
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata, kv_pool: KVCachePool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata,
+                kv_pool: KVCachePool) -> torch.Tensor:
         # Few Python-level calls per layer: norms and residual adds inline, o_proj/down_proj fused with the add.
         attn = self.self_attn
         h = attn(rms_norm(x, self.input_layernorm.weight, self.eps), rope, meta, kv_pool)
@@ -169,7 +172,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         # float32 cos/sin tables for every position; built on the CPU even under a meta-device
         # context (the loader builds the model there), moved with the model by .to(device).
         freqs = torch.outer(torch.arange(config.max_position_embeddings, device="cpu").float(), rope_inv_freq(config))
