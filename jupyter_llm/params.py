@@ -21,6 +21,10 @@ def _check(ok: bool, message: str) -> None:
         raise ParamError(message)
 
 
+# The longest stop string accepted: the text held back while a stop string may be starting,
+# and so the work per generated token, grows with it.
+MAX_STOP_CHARS = 1024
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample. Names and meanings follow OpenAI and vLLM.
@@ -82,6 +86,9 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop must be non-empty strings, got {self.stop!r}")
         _check(len(self.stop) <= 16, f"at most 16 stop strings are accepted, got {len(self.stop)}")
+        longest = max((len(s) for s in self.stop), default=0)
+        _check(longest <= MAX_STOP_CHARS,
+               f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
         _check(1 <= integer("n") <= 128, f"n must be in [1, 128], got {self.n}")
         if self.logprobs is not None:
             _check(isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)

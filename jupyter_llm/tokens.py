@@ -89,15 +89,50 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text):]
 
 
+class _StopAutomaton:
+    """Knuth-Morris-Pratt over one stop string: `state` is the length of the longest prefix of
+    the stop string that ends the text fed so far. Each character costs amortised O(1)."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.fail = [0] * len(stop)  # fail[i]: longest proper border of stop[:i + 1]
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+        self.state = 0
+
+    def feed(self, text: str) -> bool:
+        """Advance over `text`; True when the whole stop string occurs in what was fed."""
+        stop, fail, k = self.stop, self.fail, self.state
+        for ch in text:
+            while k and ch != stop[k]:
+                k = fail[k - 1]
+            if ch == stop[k]:
+                k += 1
+                if k == len(stop):
+                    self.state = k
+                    return True
+        self.state = k
+        return False
+
+
 class StopMatcher:
     """Finds stop strings in streamed text, holding back text that could be the start of one.
 
     `feed` returns the text that is safe to show and the stop string that matched (the stop
     string itself is never shown); `flush` releases what was held back when the text ends.
+    The work per piece of text is bounded by its length times the number of stop strings
+    (one automaton each), and the searched window by the longest stop string
+    (`params.MAX_STOP_CHARS`), whatever the stop strings look like.
     """
 
     def __init__(self, stops: tuple[str, ...] | list[str]):
         self.stops = tuple(stops)
+        self._automata = [_StopAutomaton(stop) for stop in self.stops]
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, str | None]:
@@ -105,24 +140,20 @@ class StopMatcher:
         if not self.stops:
             self.pending = ""
             return buffer, None
-        found = [(buffer.find(s), s) for s in self.stops if s in buffer]
-        if found:
-            index, stop = min(found)
+        if any([automaton.feed(text) for automaton in self._automata]):  # a list: every automaton advances
+            # Some stop string ends inside `buffer` (the held text plus `text`): the one that starts first wins.
+            index, stop = min((buffer.find(s), s) for s in self.stops if s in buffer)
             self.pending = ""
+            for automaton in self._automata:  # what follows is matched afresh, as the text was consumed
+                automaton.state = 0
             return buffer[:index], stop
-        hold = 0
-        for stop in self.stops:
-            for length in range(min(len(stop) - 1, len(buffer)), hold, -1):
-                if buffer.endswith(stop[:length]):
-                    hold = length
-                    break
+        hold = max(automaton.state for automaton in self._automata)
         self.pending = buffer[len(buffer) - hold:] if hold else ""
         return buffer[:len(buffer) - hold], None
 
     def flush(self) -> str:
         text, self.pending = self.pending, ""
         return text
-
 
 class SampleOutputProcessor:
     """Turns the sampled ids of one sample into TokenEvents: end-of-sequence, max_tokens,

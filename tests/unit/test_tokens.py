@@ -1,8 +1,10 @@
 """The detokenizer (a split emoji), the stop matcher (a stop string split across tokens)
 and the per-sample output processor, on a real byte-level tokenizer built by the tests."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from jupyter_llm.params import SamplingParams
+from jupyter_llm.params import MAX_STOP_CHARS, ParamError, SamplingParams
 from jupyter_llm.tokens import IncrementalDetokenizer, SampleOutputProcessor, StopMatcher, Tokenizer
 
 
@@ -94,3 +96,46 @@ def test_chat_template_multi_turn(tokenizer):
                                           {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}])
     assert text.index("S") < text.index("U1") < text.index("A1") < text.index("U2")
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def naive_stop_feed(pending: str, text: str, stops: list[str]) -> tuple[str, str | None, str]:
+    """The reference: search the whole buffer; hold its longest tail that starts a stop string."""
+    buffer = pending + text
+    found = [(buffer.find(s), s) for s in stops if s in buffer]
+    if found:
+        index, stop = min(found)
+        return buffer[:index], stop, ""
+    hold = max((n for s in stops for n in range(1, len(s)) if buffer.endswith(s[:n])), default=0)
+    return buffer[:len(buffer) - hold], None, buffer[len(buffer) - hold:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(stops=st.lists(st.text("abc", min_size=1, max_size=6), min_size=1, max_size=4),
+       pieces=st.lists(st.text("abc", max_size=5), max_size=12))
+def test_stop_matcher_agrees_with_the_naive_search(stops, pieces):
+    matcher, pending = StopMatcher(stops), ""
+    for piece in pieces:
+        shown, stop = matcher.feed(piece)
+        expected_shown, expected_stop, pending = naive_stop_feed(pending, piece, stops)
+        assert (shown, stop) == (expected_shown, expected_stop)
+        assert matcher.pending == pending
+
+
+def test_long_stop_strings_beside_near_misses_hold_exactly_what_could_still_match():
+    """Stop strings of the longest accepted length, and near misses that the old search walked
+    length by length: text is held back only while the longest one can still complete."""
+    longest = "b" + "a" * (MAX_STOP_CHARS - 1)
+    stops = ["ba" * (MAX_STOP_CHARS // 2 - i) for i in range(15)] + [longest]
+    m = StopMatcher(stops)
+    assert all(m.feed("aa") == ("aa", None) for _ in range(50))
+    assert m.feed("b") == ("", None) and m.pending == "b"
+    held = [m.feed("aa") for _ in range(MAX_STOP_CHARS // 2 - 1)]  # "b" and 1022 a's, all a possible start
+    assert held == [("", None)] * (MAX_STOP_CHARS // 2 - 1) and m.pending == "b" + "a" * (MAX_STOP_CHARS - 2)
+    assert m.feed("ax") == ("", longest)
+
+
+def test_a_stop_string_longer_than_the_limit_is_refused():
+    SamplingParams(stop=["x" * MAX_STOP_CHARS])
+    with pytest.raises(ParamError, match=f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of "
+                                         f"{MAX_STOP_CHARS + 1}"):
+        SamplingParams(stop=["ok", "x" * (MAX_STOP_CHARS + 1)])
