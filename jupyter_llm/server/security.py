@@ -3,6 +3,7 @@ limits (token buckets), and a bound on request bodies. Plain ASGI middleware, so
 run before the body is read or parsed."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import threading
@@ -17,21 +18,26 @@ from .protocol import APIError
 ErrorSender = Callable[[APIError, Scope, Receive, Send], Any]
 
 
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
 class KeyChecker:
     """Checks a presented key against every configured key, always comparing with all of
-    them, so that the time taken says nothing about which key or how much of it matched."""
+    them, and as SHA-256 digests of one length, so that the time taken says nothing about
+    which key matched, how much of it, or how long the keys are."""
 
     def __init__(self, keys: tuple[str, ...]):
-        self._keys = [k.encode() for k in keys]
+        self._digests = [_digest(k.encode("utf-8")) for k in keys]
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return bool(self._digests)
 
     def valid(self, presented: str) -> bool:
-        candidate = presented.encode("utf-8", "surrogateescape")
+        candidate = _digest(presented.encode("utf-8", "surrogateescape"))
         matched = False
-        for key in self._keys:
+        for key in self._digests:
             matched |= hmac.compare_digest(candidate, key)
         return matched
 
@@ -77,9 +83,18 @@ class RateLimiter:
 def bearer_token(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
+            # The header's own bytes: UTF-8, with anything else kept byte for byte (a non-ASCII key
+            # must come back as the bytes it was sent as).
+            scheme, _, token = value.decode("utf-8", "surrogateescape").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
     return None
+
+
+def route_path(scope: Scope) -> str:
+    """The path as this app routes it: under a mount (`Mount("/llm", app)`) the scope's path
+    keeps the prefix, which `root_path` names."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 class GuardMiddleware:
@@ -97,7 +112,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            if scope["path"].startswith("/v1"):
+            if route_path(scope).startswith("/v1"):
                 self._admit(scope)
             receive = await self._bounded_body(scope, receive)
         except APIError as error:

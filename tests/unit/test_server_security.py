@@ -144,3 +144,41 @@ def test_settings_from_args_reads_the_key_from_the_environment(monkeypatch):
         settings_from_args(parser.parse_args(["--api-key-env", "MY_LLM_KEY"]))
     with pytest.raises(ParamError, match="--port"):
         settings_from_args(parser.parse_args(["--port", "70000"]))
+
+
+def test_keys_are_compared_as_digests_of_one_length(monkeypatch):
+    lengths = []
+
+    def recording(a, b):
+        lengths.append((len(a), len(b)))
+        return a == b
+
+    monkeypatch.setattr(security.hmac, "compare_digest", recording)
+    checker = KeyChecker(("short", "a-much-longer-key-" * 4))
+    for presented in ("s", "short", "x" * 500):
+        checker.valid(presented)
+    assert set(lengths) == {(32, 32)}, "the time taken must not depend on the keys' or the guess's length"
+
+
+def test_a_non_ascii_key_matches_as_sent(manager, tiny_hf):
+    with running_server(manager, api_keys=("sk-clé-ünï",)) as handle:
+        right = httpx.get(handle.url + "/v1/models", headers={"Authorization": "Bearer sk-clé-ünï".encode()})
+        wrong = httpx.get(handle.url + "/v1/models", headers={"Authorization": "Bearer sk-cle-uni".encode()})
+    assert right.status_code == 200, right.text
+    assert_openai_error(wrong, 401, code="invalid_api_key")
+
+
+def test_keys_hold_when_the_app_is_mounted_under_a_prefix(manager, tiny_hf):
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    from jupyter_llm.server.app import create_app
+
+    app = create_app(manager, ServerSettings(api_keys=("sk-right",)))
+    with TestClient(Starlette(routes=[Mount("/llm", app=app)])) as client:
+        body = {"model": "tiny-hf", "prompt": "Hi", "max_tokens": 2}
+        refused = client.post("/llm/v1/completions", json=body)
+        listed = client.get("/llm/v1/models", headers={"Authorization": "Bearer sk-right"})
+    assert_openai_error(refused, 401, code="invalid_api_key")
+    assert listed.status_code == 200 and listed.json()["object"] == "list"
