@@ -24,6 +24,9 @@ def _check(ok: bool, message: str) -> None:
 # The longest stop string accepted: the text held back while a stop string may be starting,
 # and so the work per generated token, grows with it.
 MAX_STOP_CHARS = 1024
+# Below this a temperature is greedy (vLLM's _SAMPLING_EPS): logits / 1e-37 are inf, and the
+# softmax of inf is NaN.
+MIN_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -98,7 +101,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below MIN_TEMPERATURE decode greedily: dividing logits by them overflows."""
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def uses_penalties(self) -> bool:

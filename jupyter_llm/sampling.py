@@ -118,7 +118,7 @@ def processed_probs(logits: torch.Tensor, states: list[SamplingState]) -> torch.
     renormalized; a greedy row is one-hot on its argmax."""
     logits = apply_penalties(logits.float().clone(), states)
     temperature = torch.tensor([s.params.temperature for s in states], dtype=torch.float32)
-    greedy = temperature == 0
+    greedy = torch.tensor([s.params.greedy for s in states])
     scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
     probs = torch.softmax(scaled, dim=-1)
     probs = filter_probs(

@@ -96,3 +96,14 @@ def test_logprobs_are_raw_log_softmax_with_top_alternatives():
     assert out.token_ids == [0] and chosen == pytest.approx(float(expected[0]))
     assert top_ids == [0, 2] and top_values == pytest.approx(expected[[0, 2]].tolist())
     assert Sampler()(logits, [state(temperature=0)]).logprobs == [None]
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-6])
+def test_a_vanishing_temperature_decodes_greedily_not_into_nan(temperature):
+    logits = torch.tensor([[-3.0, 1.0, 7.5, 2.0, -40.0]])
+    tiny = state(temperature=temperature, seed=3, logprobs=1)
+    out = Sampler()(logits, [tiny])
+    assert out.token_ids == [2]  # the argmax, never token 0 from a row of NaN
+    assert math.isfinite(out.logprobs[0][0])
+    probs = processed_probs(logits, [tiny])
+    assert not torch.isnan(probs).any() and probs[0, 2] == 1
