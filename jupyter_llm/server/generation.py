@@ -353,6 +353,7 @@ class Generation:
                 failure = sample_failure(builder.completions()[event.prompt_index * job.n + event.index])
                 state["outcome"] = failure.code
                 yield sse(failure.body())
+                yield sse("[DONE]")  # as vLLM: a client reading to [DONE] is not left waiting
                 return
             index = event.prompt_index * job.n + event.index
             if event.text or event.finish_reason or event.logprobs or index not in started:
@@ -374,6 +375,7 @@ class Generation:
                 failure = backend_failure(error)
                 state["outcome"] = failure.code
                 yield sse(failure.body())
+                yield sse("[DONE]")
                 return
         if job.include_usage:
             yield sse({**job.envelope([], chunk=True), "usage": job.usage(builder.completions())})

@@ -282,7 +282,7 @@ def test_a_failing_request_gets_an_error_and_the_others_are_unaffected(fake):
         assert results["raise"][0] == 500 and results["raise"][1]["error"]["type"] == "server_error"
         assert "boom" not in results["raise"][1]["error"]["message"]  # internals stay in the log
         status, events = results["fail-stream"]
-        assert status == 200 and events[-1]["error"]["code"] == "backend_error" and "[DONE]" not in events
+        assert status == 200 and events[-2]["error"]["code"] == "backend_error" and events[-1] == "[DONE]"
 
 
 def test_stop_lets_in_flight_requests_finish_and_frees_the_port(fake):
@@ -330,7 +330,8 @@ def test_stop_cancels_what_outlives_the_shutdown_timeout_and_tells_the_clients(f
     assert wait_until(lambda: fake.get().running == 0) and len(fake.get().cancelled) == 2
     for caller in callers:
         caller.join(10)
-    assert sse_data(chunks)[-1]["error"]["code"] == "request_cancelled"
+    events = sse_data(chunks)
+    assert events[-2]["error"]["code"] == "request_cancelled" and events[-1] == "[DONE]"
     assert_openai_error(answers[0], 503, code="request_cancelled")
 
 
