@@ -39,22 +39,18 @@ from .cpu import CpuInfo, cpu_info
 LLAMA_CPP_VERSION = "0.3.36"
 REBUILD_COMMAND = "jupyter-llm build-llamacpp --rebuild"
 
-# level -> (flags the CPU must have, {optional flag: ggml option}); best first.
-_X86_LEVELS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
-    "avx512": (("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2",
-                "avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
+_AVX2_OPTIONS = ("GGML_SSE42", "GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2")
+_AVX2_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2")
+# level -> (flags the CPU must have, the ggml options it turns on, {optional flag: ggml option}); best first.
+# Every option not turned on is spelled out as OFF.
+_X86_LEVELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]] = {
+    "avx512": (_AVX2_FLAGS + ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
+               _AVX2_OPTIONS + ("GGML_AVX512",),
                {"avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
                 "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}),
-    "avx2": (("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"), {"avx_vnni": "GGML_AVX_VNNI"}),
-    "sse42": (("sse4_2",), {}),
-    "generic": ((), {}),
-}
-# The ggml options each level turns on (all others are spelled out as OFF).
-_LEVEL_OPTIONS = {
-    "avx512": ("GGML_SSE42", "GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2", "GGML_AVX512"),
-    "avx2": ("GGML_SSE42", "GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"),
-    "sse42": ("GGML_SSE42",),
-    "generic": (),
+    "avx2": (_AVX2_FLAGS, _AVX2_OPTIONS, {"avx_vnni": "GGML_AVX_VNNI"}),
+    "sse42": (("sse4_2",), ("GGML_SSE42",), {}),
+    "generic": ((), (), {}),
 }
 _ALL_OPTIONS = ("GGML_SSE42", "GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2", "GGML_AVX_VNNI",
                 "GGML_AVX512", "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16",
@@ -81,7 +77,7 @@ class LlamaCppBuild:
 
     @property
     def cmake_args(self) -> list[str]:
-        on = set(_LEVEL_OPTIONS[self.level]) | set(self.extras)
+        on = set(_X86_LEVELS[self.level][1]) | set(self.extras)
         args = ["-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=OFF", "-DGGML_CPU_ALL_VARIANTS=OFF"]
         if self.machine in ("x86_64", "AMD64", "i686"):
             args += [f"-D{option}={'ON' if option in on else 'OFF'}" for option in _ALL_OPTIONS]
@@ -92,7 +88,7 @@ def levels_for(cpu: CpuInfo) -> list[str]:
     """The levels this CPU can run, best first."""
     if cpu.machine not in ("x86_64", "AMD64", "i686"):
         return ["generic"]
-    return [level for level, (required, _) in _X86_LEVELS.items() if cpu.has(*required)]
+    return [level for level, (required, _, _) in _X86_LEVELS.items() if cpu.has(*required)]
 
 
 def choose_build(cpu: CpuInfo, level: str | None = None) -> LlamaCppBuild:
@@ -103,7 +99,7 @@ def choose_build(cpu: CpuInfo, level: str | None = None) -> LlamaCppBuild:
     elif level not in possible:
         raise BuildError(f"--isa {level} needs instructions this CPU ({cpu.model}) lacks; "
                          f"it can run: {', '.join(possible)}")
-    extras = _X86_LEVELS[level][1]
+    extras = _X86_LEVELS[level][2]
     return LlamaCppBuild(cpu.machine, level, tuple(opt for flag, opt in extras.items() if cpu.has(flag)))
 
 

@@ -16,10 +16,6 @@ from ..cpu import cpu_info
 _PACKAGES = ("jupyter-llm", "torch", "transformers", "llama-cpp-python", "onnxruntime-genai", "vllm", "tensorrt-llm")
 
 
-def cpu_model() -> str:
-    return cpu_info().model
-
-
 def isa_flags() -> dict[str, bool]:
     """The instruction sets that decide which kernels run, as yes/no."""
     cpu = cpu_info()
