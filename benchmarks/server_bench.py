@@ -32,11 +32,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from jupyter_llm.bench.machine import machine_info  # noqa: E402
-from jupyter_llm.bench.metrics import compute_metrics  # noqa: E402
-from jupyter_llm.bench.runner import run_level  # noqa: E402
-from jupyter_llm.bench.targets import BackendTarget, HTTPTarget, RequestRecord  # noqa: E402
-from jupyter_llm.bench.workload import synthetic  # noqa: E402
+from jupyter_llm.bench.machine import machine_info
+from jupyter_llm.bench.measure import run_level
+from jupyter_llm.bench.metrics import compute_metrics
+from jupyter_llm.bench.targets import BackendTarget, HTTPTarget, RequestRecord
+from jupyter_llm.bench.workload import synthetic
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = [("output_throughput", "output tok/s", "{:.1f}"), ("request_throughput", "req/s", "{:.2f}"),
@@ -132,7 +132,7 @@ def main() -> int:
         return 0
 
     from jupyter_llm.manager import get_manager
-    from jupyter_llm.server.runner import start_server
+    from jupyter_llm.server.launcher import start_server
     from jupyter_llm.server.settings import ServerSettings
 
     model = args.model

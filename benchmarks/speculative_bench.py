@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from jupyter_llm.bench.machine import machine_info, machine_line  # noqa: E402
+from jupyter_llm.bench.machine import machine_info, machine_line
 
 ENGINES = {
     "plain": {},
@@ -100,7 +100,7 @@ def spec_counters(manager: Any, name: str) -> dict[str, int] | None:
 
 def acceptance(before: dict[str, int] | None, after: dict[str, int] | None) -> tuple[float | None, float | None]:
     """(acceptance rate, mean accepted length) between two counter snapshots (None where none)."""
-    from jupyter_llm.bench.runner import speculation_metrics
+    from jupyter_llm.bench.measure import speculation_metrics
 
     measured = speculation_metrics(before, after)
     values = (measured.get("spec_acceptance_rate"), measured.get("spec_mean_accepted_length"))
@@ -108,7 +108,7 @@ def acceptance(before: dict[str, int] | None, after: dict[str, int] | None) -> t
 
 
 def run_single(manager: Any, names: list[str], tokens: int, repeats: int) -> dict[str, Any]:
-    from jupyter_llm.params import SamplingParams
+    from jupyter_llm.schema import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0)
     out: dict[str, Any] = {}
@@ -137,7 +137,7 @@ def run_single(manager: Any, names: list[str], tokens: int, repeats: int) -> dic
 
 def run_concurrency(manager: Any, names: list[str], tokens: int, levels: list[int], requests: int,
                     repeats: int) -> dict[str, Any]:
-    from jupyter_llm.params import GenerationRequest, SamplingParams
+    from jupyter_llm.schema import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0)
     prompts = [prompt for _, prompt in TASKS.values()]

@@ -12,18 +12,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from .params import Completion, GenerationRequest, ParamError, SamplingParams, TokenEvent, TokenLogprob
+from jupyter_llm.schema import Completion, GenerationRequest, ParamError, SamplingParams, TokenEvent, TokenLogprob
 
 __version__ = "0.1.0"
-__all__ = ["Completion", "GenerationRequest", "ParamError", "SamplingParams", "TokenEvent", "TokenLogprob",
-           "get_manager", "available_backends", "load_ipython_extension", "unload_ipython_extension",
-           "Playground"]
+__all__ = [
+    "Completion",
+    "GenerationRequest",
+    "ParamError",
+    "Playground",
+    "SamplingParams",
+    "TokenEvent",
+    "TokenLogprob",
+    "available_backends",
+    "get_manager",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: the widget imports anywidget/ipywidgets only when someone asks for it.
     if name == "Playground":
-        from .widgets import Playground
+        from jupyter_llm.notebook.widgets import Playground
 
         return Playground
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -31,35 +41,37 @@ def __getattr__(name: str) -> Any:
 
 def get_manager() -> Any:
     """The kernel's one EngineManager (created on first use)."""
-    from .manager import get_manager as _get
+    from jupyter_llm.manager import get_manager as _get
 
     return _get()
 
 
 def available_backends() -> list:
     """Every registered backend kind, whether it can load here and, if not, why."""
-    from .backends import available_backends as _available
+    from jupyter_llm.backends import available_backends as _available
 
     return _available()
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    from .magics import LLMMagics
+    from jupyter_llm.notebook.magics import LLMMagics
 
     magics = LLMMagics(shell=ipython)
     ipython.register_magics(magics)
     if magics not in ipython.configurables:
         ipython.configurables.append(magics)
-    from .labext import register as _register_labext  # the JupyterLab status bar's comm (labextension/)
+    from jupyter_llm.notebook.labext import (
+        register as _register_labext,  # the JupyterLab status bar's comm (labextension/)
+    )
 
     _register_labext(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from .magics import LLMMagics
+    from jupyter_llm.notebook.magics import LLMMagics
 
     ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, LLMMagics)]
-    from .labext import unregister as _unregister_labext
+    from jupyter_llm.notebook.labext import unregister as _unregister_labext
 
     _unregister_labext(ipython)
 

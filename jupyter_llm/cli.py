@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from .arguments import add_sampling_arguments, params_from_args
-from .bench.command import add_bench_arguments
-from .llamacpp_build import add_arguments as add_llamacpp_build_arguments
-from .llamacpp_build import run_from_args as build_llamacpp
-from .server.settings import add_serve_arguments
+from jupyter_llm.bench.command import add_bench_arguments
+from jupyter_llm.llamacpp_build import add_arguments as add_llamacpp_build_arguments
+from jupyter_llm.llamacpp_build import run_from_args as build_llamacpp
+from jupyter_llm.notebook.arguments import add_sampling_arguments, params_from_args
+from jupyter_llm.server.settings import add_serve_arguments
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .manager import get_manager
-    from .render import summary_line
+    from jupyter_llm.manager import get_manager
+    from jupyter_llm.notebook.display import summary_line
 
     manager = get_manager()
     options = {"threads": args.threads} if args.threads else {}
@@ -54,8 +54,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.command import run_from_args
-    from .manager import get_manager
+    from jupyter_llm.bench.command import run_from_args
+    from jupyter_llm.manager import get_manager
 
     manager = get_manager()
     for kind in [k.strip() for k in (args.load or "").split(",") if k.strip()]:
@@ -70,7 +70,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from .backends import available_backends
+    from jupyter_llm.backends import available_backends
 
     for b in available_backends():
         print(f"{b.kind:10} {'yes' if b.available else 'no ':4} {b.reason or b.description}")
@@ -78,10 +78,10 @@ def _backends(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .manager import get_manager
-    from .params import ParamError
-    from .server.runner import ServerError, banner, serve_forever
-    from .server.settings import settings_from_args
+    from jupyter_llm.manager import get_manager
+    from jupyter_llm.schema import ParamError
+    from jupyter_llm.server.launcher import ServerError, banner, serve_forever
+    from jupyter_llm.server.settings import settings_from_args
 
     settings = settings_from_args(args)  # refuse bad options before loading a model
     options: dict[str, object] = {}
@@ -147,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .backends.base import BackendError
-    from .manager import QueueFullError
-    from .models import ModelNotFound
-    from .params import ParamError
+    from jupyter_llm.backends.base import BackendError
+    from jupyter_llm.manager import QueueFullError
+    from jupyter_llm.model_files import ModelNotFound
+    from jupyter_llm.schema import ParamError
 
     args = build_parser().parse_args(argv)
     try:

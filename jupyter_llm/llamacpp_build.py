@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
-from .cpu import CpuInfo, cpu_info
+from jupyter_llm.cpu import CpuInfo, cpu_info
 
 LLAMA_CPP_VERSION = "0.3.36"
 REBUILD_COMMAND = "jupyter-llm build-llamacpp --rebuild"

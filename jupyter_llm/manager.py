@@ -14,11 +14,12 @@ import concurrent.futures
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any
 
-from .backends import Backend, BackendError, backend_class
-from .params import Completion, GenerationRequest, Message, ParamError, SamplingParams, TokenEvent
+from jupyter_llm.backends import Backend, BackendError, backend_class
+from jupyter_llm.schema import Completion, GenerationRequest, Message, ParamError, SamplingParams, TokenEvent
 
 Prompt = str | list[Message]
 PREFERRED_BACKENDS = ("native", "hf")  # for the embedded model when nothing is loaded
@@ -131,7 +132,7 @@ class EventStream:
 
     _END = object()
 
-    def __init__(self, manager: "EngineManager", requests: list[GenerationRequest], backend: str | None):
+    def __init__(self, manager: EngineManager, requests: list[GenerationRequest], backend: str | None):
         self.manager = manager
         self.requests = requests
         self._events: queue.Queue[Any] = queue.Queue()
@@ -255,7 +256,7 @@ class EngineManager:
 
     def load_default(self, progress: bool = True) -> BackendInfo:
         """The embedded model on the best backend that loads here (native, else hf)."""
-        from .backends import available_backends
+        from jupyter_llm.backends import available_backends
 
         loadable = {b.kind for b in available_backends() if b.available}
         kind = next((k for k in PREFERRED_BACKENDS if k in loadable), None)

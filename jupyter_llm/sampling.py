@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .params import SamplingParams
+from jupyter_llm.schema import SamplingParams
 
 _SEED_STRIDE = 1_000_003  # sample j > 0 of a seeded request uses seed + j * stride
 

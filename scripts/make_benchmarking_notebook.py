@@ -23,7 +23,7 @@ cells = [
         "`--interrupt_requests False`."),
     new_code_cell(
         "import socket, subprocess, sys, time, httpx\n"
-        "from jupyter_llm.models import embedded_gguf_path\n\n"
+        "from jupyter_llm.model_files import embedded_gguf_path\n\n"
         "with socket.socket() as s:\n    s.bind(('127.0.0.1', 0))\n    port = s.getsockname()[1]\n"
         "server = subprocess.Popen([sys.executable, '-m', 'llama_cpp.server', '--model', str(embedded_gguf_path()),\n"
         "                           '--host', '127.0.0.1', '--port', str(port), '--n_threads', '2',\n"

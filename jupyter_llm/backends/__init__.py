@@ -6,20 +6,28 @@ import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from .base import Backend, BackendError, BackendUnavailable, Capabilities
+from jupyter_llm.backends.base import Backend, BackendError, BackendUnavailable, Capabilities
 
-__all__ = ["Backend", "BackendError", "BackendUnavailable", "Capabilities", "BUILTIN",
-           "backend_class", "available_backends", "registered_kinds"]
+__all__ = [
+    "BUILTIN",
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "Capabilities",
+    "available_backends",
+    "backend_class",
+    "registered_kinds",
+]
 
 # kind -> "module:Class"; modules are imported only when the kind is used.
 BUILTIN: dict[str, str] = {
     "native": "jupyter_llm.backends.native.backend:NativeBackend",
     "hf": "jupyter_llm.backends.hf:HFBackend",
-    "llamacpp": "jupyter_llm.backends.llamacpp:LlamaCppBackend",
-    "openai": "jupyter_llm.backends.openai_compat:OpenAIBackend",
-    "vllm": "jupyter_llm.backends.vllm:VLLMBackend",
-    "trtllm": "jupyter_llm.backends.trtllm:TRTLLMBackend",
-    "onnx": "jupyter_llm.backends.onnx:ONNXBackend",
+    "llamacpp": "jupyter_llm.backends.llamacpp.backend:LlamaCppBackend",
+    "openai": "jupyter_llm.backends.openai.backend:OpenAIBackend",
+    "vllm": "jupyter_llm.backends.gpu.vllm:VLLMBackend",
+    "trtllm": "jupyter_llm.backends.gpu.trtllm:TRTLLMBackend",
+    "onnx": "jupyter_llm.backends.onnx.backend:ONNXBackend",
 }
 
 ENTRY_POINT_GROUP = "jupyter_llm.backends"

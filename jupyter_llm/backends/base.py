@@ -11,10 +11,11 @@ import dataclasses
 import importlib.util
 import typing
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, ClassVar
+from typing import Any, ClassVar
 
-from ..params import GenerationRequest, Message, ParamError, TokenEvent
+from jupyter_llm.schema import GenerationRequest, Message, ParamError, TokenEvent
 
 
 class BackendError(RuntimeError):
@@ -82,7 +83,7 @@ class BackendOptions:
     threads: int | None = None  # compute threads for this backend (default: all cores)
 
     @classmethod
-    def parse(cls, options: dict[str, Any], backend: str) -> "BackendOptions":
+    def parse(cls, options: dict[str, Any], backend: str) -> BackendOptions:
         """Check names and coerce values given as strings (from a magic line or the CLI)."""
         hints = typing.get_type_hints(cls)
         accepted = sorted(f.name for f in dataclasses.fields(cls))

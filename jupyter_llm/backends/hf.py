@@ -13,34 +13,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ..params import ParamError
-from ..sampling import Sampler
-from ..tokens import Tokenizer
-from .base import BackendError, BackendOptions, Capabilities, package_availability
-from .inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def resolve_device(device: str) -> str:
-    """'auto' picks CUDA when there is a GPU; 'cuda' without one is a clear error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError("--device cuda was asked for, but no CUDA GPU is visible to torch; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ParamError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N")
-    return device
-
-
-def torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise ParamError(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}")
-    return getattr(torch, name)
+from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
+from jupyter_llm.backends.devices import resolve_device, torch_dtype
+from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+from jupyter_llm.sampling import Sampler
+from jupyter_llm.tokenization import load_tokenizer
 
 
 @dataclass
@@ -49,20 +26,6 @@ class HFOptions(BackendOptions):
     dtype: str = "float32"
     max_num_seqs: int = 32  # rows in one batch
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-
-
-def load_tokenizer(folder: str) -> Tokenizer:
-    """A Tokenizer for an HF folder, with the generation config's EOS ids too."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    hf_tokenizer = AutoTokenizer.from_pretrained(folder)
-    extra: tuple[int, ...] = ()
-    try:
-        eos = GenerationConfig.from_pretrained(folder).eos_token_id
-        extra = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    except OSError:
-        pass
-    return Tokenizer(hf_tokenizer, extra)
 
 
 class HFStepEngine(StepEngine):
@@ -173,8 +136,8 @@ class HFBackend(InProcessBackend):
     def load(self, progress: bool = True) -> None:
         from transformers import AutoModelForCausalLM
 
-        from ..models import ensure_hf_folder, resolve_model
-        from ..progress import steps
+        from jupyter_llm.model_files import ensure_hf_folder, resolve_model
+        from jupyter_llm.progress import steps
 
         options: HFOptions = self.options  # type: ignore[assignment]
         dtype = torch_dtype(options.dtype)

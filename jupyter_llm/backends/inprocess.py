@@ -16,12 +16,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
-from ..params import GenerationRequest, Message, ParamError, TokenEvent
-from ..sampling import SamplingState
-from ..tokens import SampleOutputProcessor, Tokenizer
-from .base import Backend, check_prompt_fits
+from jupyter_llm.backends.base import Backend, check_prompt_fits
+from jupyter_llm.output import SampleOutputProcessor
+from jupyter_llm.sampling import SamplingState
+from jupyter_llm.schema import GenerationRequest, Message, ParamError, TokenEvent
+from jupyter_llm.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
 _seq_ids = itertools.count()

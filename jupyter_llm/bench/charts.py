@@ -6,13 +6,13 @@ import io
 import textwrap
 from typing import TYPE_CHECKING
 
-from .machine import same_cpu
+from jupyter_llm.bench.machine import same_cpu
 
 if TYPE_CHECKING:
-    from .result import BenchResult
+    from jupyter_llm.bench.result import BenchResult
 
 
-def _series(result: "BenchResult", metric: str) -> dict[str, tuple[list[float], list[float], list[str]]]:
+def _series(result: BenchResult, metric: str) -> dict[str, tuple[list[float], list[float], list[str]]]:
     """target -> (load values, metric values, load labels), in load order."""
     out: dict[str, tuple[list[float], list[float], list[str]]] = {}
     for row in sorted(result.rows, key=lambda r: (r["target"], r["load_value"])):
@@ -23,7 +23,7 @@ def _series(result: "BenchResult", metric: str) -> dict[str, tuple[list[float], 
     return out
 
 
-def plot_result(result: "BenchResult", compare: "BenchResult | None" = None):
+def plot_result(result: BenchResult, compare: BenchResult | None = None):
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from ..params import ParamError
-from .result import BenchResult
-from .targets import BackendTarget, HTTPTarget, Target
-from .workload import Workload, from_file, from_prompts, parse_length, synthetic
+from jupyter_llm.bench.result import BenchResult
+from jupyter_llm.bench.targets import BackendTarget, HTTPTarget, Target
+from jupyter_llm.bench.workload import Workload, from_file, from_prompts, parse_length, synthetic
+from jupyter_llm.schema import ParamError
 
 BENCH_ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--backends",), {"help": "loaded backends, comma-separated (default: the default backend)"}),
@@ -88,7 +89,7 @@ def build_targets(args: Any, manager: Any) -> list[Target]:
 def run_from_args(args: Any, manager: Any, namespace: Mapping[str, Any] | None = None,
                   progress: bool = True) -> tuple[BenchResult, BenchResult | None]:
     """Run the benchmark that the options describe; returns (result, the --compare run or None)."""
-    from .runner import run_benchmark
+    from jupyter_llm.bench.measure import run_benchmark
 
     if args.repeat < 1 or args.warmup < 0:
         raise ParamError("--repeat must be >= 1 and --warmup >= 0")
@@ -103,7 +104,7 @@ def run_from_args(args: Any, manager: Any, namespace: Mapping[str, Any] | None =
     if args.save:
         path = result.save(args.save)
         if not args.no_plot:
-            from .charts import figure_png
+            from jupyter_llm.bench.charts import figure_png
 
             path.with_suffix(".png").write_bytes(figure_png(result.plot(compare)))
     return result, compare

@@ -11,7 +11,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ..cpu import cpu_info
+from jupyter_llm.cpu import cpu_info
 
 _PACKAGES = ("jupyter-llm", "torch", "transformers", "llama-cpp-python", "onnxruntime-genai", "vllm", "tensorrt-llm")
 
@@ -33,7 +33,7 @@ def _torch_build() -> dict[str, Any] | None:
 
 
 def machine_info() -> dict[str, Any]:
-    from ..llamacpp_build import installed_build
+    from jupyter_llm.llamacpp_build import installed_build
 
     cpu = cpu_info()
     info: dict[str, Any] = {

@@ -7,9 +7,10 @@ Throughputs divide by the wall time of the whole run.
 from __future__ import annotations
 
 import statistics
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from .targets import RequestRecord
+from jupyter_llm.bench.targets import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 

@@ -48,7 +48,7 @@ class BenchResult:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "BenchResult":
+    def load(cls, path: str | Path) -> BenchResult:
         data = json.loads(Path(path).read_text())
         nan = float("nan")
         data["rows"] = [{k: (nan if v is None and k not in ("error_examples",) else v) for k, v in row.items()}
@@ -56,16 +56,16 @@ class BenchResult:
         return cls(**data)
 
     def table(self) -> dict[str, str]:
-        from ..render import table_bundle
-        from .machine import machine_line
+        from jupyter_llm.bench.machine import machine_line
+        from jupyter_llm.notebook.display import table_bundle
 
         rows = [{c: _format(c, row.get(c)) for c in TABLE_COLUMNS} for row in self.rows]
         return table_bundle(rows, TABLE_COLUMNS, title=f"Benchmark ({self.config.get('repeat', 1)} repeat(s), medians) "
                                                        f"on {machine_line(self.machine)}")
 
-    def plot(self, compare: "BenchResult | None" = None):
+    def plot(self, compare: BenchResult | None = None):
         """A matplotlib Figure: throughput vs load, TTFT percentiles vs load, ITL distribution."""
-        from .charts import plot_result
+        from jupyter_llm.bench.charts import plot_result
 
         return plot_result(self, compare)
 

@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..manager import EngineManager
-from ..params import GenerationRequest, SamplingParams
-from .workload import BenchRequest
+from jupyter_llm.bench.workload import BenchRequest
+from jupyter_llm.manager import EngineManager
+from jupyter_llm.schema import GenerationRequest, SamplingParams
 
 
 @dataclass

@@ -8,6 +8,6 @@ This package's __init__ imports nothing heavy: `%load_ext jupyter_llm` reads the
 """
 from __future__ import annotations
 
-from .settings import ServerSettings
+from jupyter_llm.server.settings import ServerSettings
 
 __all__ = ["ServerSettings"]

@@ -8,8 +8,9 @@ unexpected a bare 500 without a trace.
 # time, and the body models are built inside create_app.
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,12 +20,12 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from .. import __version__
-from .generation import Generation
-from .metrics import ServerMetrics
-from .protocol import FIELD_NAMES, APIError, ErrorResponse, bounded_models
-from .security import GuardMiddleware, KeyChecker, RateLimiter
-from .settings import ServerSettings
+from jupyter_llm import __version__
+from jupyter_llm.server.metrics import ServerMetrics
+from jupyter_llm.server.protocol import FIELD_NAMES, APIError, ErrorResponse, bounded_models
+from jupyter_llm.server.security import GuardMiddleware, KeyChecker, RateLimiter
+from jupyter_llm.server.serving import Generation
+from jupyter_llm.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 ERROR_STATUSES = (400, 401, 404, 413, 429, 503)
@@ -33,7 +34,7 @@ ERROR_STATUSES = (400, 401, 404, 413, 429, 503)
 def create_app(manager: Any = None, settings: ServerSettings | None = None) -> FastAPI:
     """An app serving the backends loaded in `manager` (default: the kernel's manager)."""
     if manager is None:
-        from ..manager import get_manager
+        from jupyter_llm.manager import get_manager
 
         manager = get_manager()
     settings = settings or ServerSettings()

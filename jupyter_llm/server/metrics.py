@@ -5,13 +5,14 @@ request."""
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..params import Completion, TokenEvent
+from jupyter_llm.schema import Completion, TokenEvent
 
 PREFIX = "jupyter_llm:"
 # vLLM's buckets
@@ -118,7 +119,7 @@ class ServerMetrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def tracker(self, model: str) -> "RequestTracker":
+    def tracker(self, model: str) -> RequestTracker:
         return RequestTracker(self, model)
 
 

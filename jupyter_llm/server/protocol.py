@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..params import Completion, TokenLogprob
+from jupyter_llm.schema import Completion, TokenLogprob
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 INT64 = 2**63

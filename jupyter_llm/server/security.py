@@ -9,11 +9,12 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .protocol import APIError
+from jupyter_llm.server.protocol import APIError
 
 ErrorSender = Callable[[APIError, Scope, Receive, Send], Any]
 

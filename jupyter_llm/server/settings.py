@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from ..params import ParamError
+from jupyter_llm.schema import ParamError
 
 DEFAULT_PORT = 8000
 

@@ -11,11 +11,9 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -29,8 +27,8 @@ def _notebook(model_dir: str) -> dict:
         return {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": source}
 
     cells = [
-        code(f"import sys\nfrom pathlib import Path\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-             f"from tiny_models import tiny_llama_folder\n"
+        code("from pathlib import Path\n"
+             "from tiny_models import tiny_llama_folder\n"
              f"folder = tiny_llama_folder(Path({model_dir!r}))\n"
              "import json\nconfig = json.loads((folder / 'config.json').read_text())\n"
              "config['max_position_embeddings'] = 65536  # room for a long generation\n"

@@ -3,14 +3,15 @@ manager and returns its name. Later backends add themselves to BACKENDS."""
 from __future__ import annotations
 
 import pytest
-from backends_external import *  # noqa: F401,F403  (the llamacpp and openai fixtures)
+
+from backends_external import *
 from backends_external import EXTERNAL_BACKENDS
-from backends_onnx import *  # noqa: F401,F403  (the onnx fixtures: fp32, int8, int4 exports)
+from backends_onnx import *
 
 # name -> fixture that returns the loaded backend name in the session manager
 BACKENDS = ["tiny_hf", "tiny_native"]
 BACKENDS += EXTERNAL_BACKENDS
-BACKENDS += ONNX_BACKENDS  # noqa: F405
+BACKENDS += ONNX_BACKENDS
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from jupyter_llm.params import GenerationRequest, ParamError, SamplingParams
+from jupyter_llm.schema import GenerationRequest, ParamError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

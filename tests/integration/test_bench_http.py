@@ -25,7 +25,7 @@ def scrape(url: str) -> dict[str, float]:
 def own_server(manager, embedded_model):
     """Our server over the embedded model on native: a real model, so that TTFT is not dominated
     by the fixed cost of an HTTP round trip (which the server cannot see)."""
-    from jupyter_llm.server.runner import start_server
+    from jupyter_llm.server.launcher import start_server
     from jupyter_llm.server.settings import ServerSettings
 
     manager.load("native", name="bench-native", progress=False)

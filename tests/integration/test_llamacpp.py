@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from jupyter_llm.params import SamplingParams
+from jupyter_llm.schema import SamplingParams
 
 pytestmark = pytest.mark.embedded
 GREEDY = SamplingParams(max_tokens=8, temperature=0)

@@ -22,7 +22,7 @@ def kernel(embedded_model, tmp_path_factory):
 def test_a_build_that_cannot_run_here_is_one_line_and_the_kernel_lives(kernel):
     k, verdicts = kernel
     setup = k.run(f"""
-import os, jupyter_llm.backends.llamacpp_probe as probe
+import os, jupyter_llm.backends.llamacpp.probe as probe
 real_script = probe.PROBE_SCRIPT
 os.environ["JUPYTER_LLM_CACHE"] = {str(verdicts / "crash")!r}
 probe.PROBE_SCRIPT = "import os, signal; os.kill(os.getpid(), signal.SIGILL)"

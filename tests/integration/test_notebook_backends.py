@@ -1,15 +1,10 @@
 """notebooks/05-backends.ipynb runs headless through a real kernel: five backends, one answer."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from run_notebook import error_outputs, run
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from run_notebook import error_outputs, run  # noqa: E402
+from paths import ROOT
 
 
 def outputs_of(nb, startswith: str) -> str:

@@ -2,15 +2,10 @@
 exports (fp32, int8, int4) go to the user cache: only the first run pays for them."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from run_notebook import error_outputs, run
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from run_notebook import error_outputs, run  # noqa: E402
+from paths import ROOT
 
 
 def outputs(cell) -> str:

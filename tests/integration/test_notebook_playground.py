@@ -1,15 +1,10 @@
 """The sampling-playground guide executes headless through a real kernel, widgets included."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from run_notebook import error_outputs, run
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from run_notebook import error_outputs, run  # noqa: E402
+from paths import ROOT
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -32,7 +27,7 @@ def test_playground_notebook(embedded_model):
              if WIDGET_VIEW in out.get("data", {})}
     states = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     playgrounds = {key: s["state"] for key, s in states.items()
-                   if s["state"].get("_anywidget_id") == "jupyter_llm.widgets.playground.Playground"}
+                   if s["state"].get("_anywidget_id") == "jupyter_llm.notebook.widgets.playground.Playground"}
     assert len(playgrounds) == 2 and set(playgrounds) <= shown  # pg and %llm_playground's
     first = next(s for s in playgrounds.values() if s["compare"] == "native")
     assert first["error"] == "" and not first["running"] and first["backends"] == ["hf", "native"]

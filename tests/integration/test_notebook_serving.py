@@ -3,15 +3,11 @@ model, without an error output: start, call with openai and curl, metrics, keys,
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from run_notebook import error_outputs, run
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from run_notebook import error_outputs, run  # noqa: E402
+from paths import ROOT
 
 
 def outputs_of(nb, startswith: str) -> str:

@@ -1,15 +1,10 @@
 """Every runnable guide executes headless through a real kernel without error outputs."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from run_notebook import error_outputs, run
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from run_notebook import error_outputs, run  # noqa: E402
+from paths import ROOT
 
 
 def cell_text(nb, index):

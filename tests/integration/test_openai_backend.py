@@ -4,16 +4,12 @@ chat, logprobs, stop strings, and the errors a user sees."""
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
 
+from backends_external import free_port, llamacpp_server
 from jupyter_llm.backends.base import BackendError
-from jupyter_llm.params import ParamError, SamplingParams
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conformance"))
-from backends_external import free_port, llamacpp_server  # noqa: E402
+from jupyter_llm.schema import ParamError, SamplingParams
 
 pytestmark = pytest.mark.embedded
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
@@ -35,7 +31,7 @@ def remote(manager, llamacpp_url):
 @pytest.fixture(scope="module")
 def own(manager, embedded_model):
     """Our server, serving the embedded model on llamacpp, and the openai backend pointed at it."""
-    from jupyter_llm.server.runner import start_server
+    from jupyter_llm.server.launcher import start_server
     from jupyter_llm.server.settings import ServerSettings
 
     pytest.importorskip("llama_cpp")

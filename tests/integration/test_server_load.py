@@ -84,7 +84,7 @@ async def one_round(url: str, model: str, round_: int) -> int:
 
 def test_64_streaming_clients_three_rounds_with_hang_ups(manager, model):
     with running_server(manager) as server:
-        scrape = lambda: httpx.get(server.url + "/metrics").text  # noqa: E731
+        scrape = lambda: httpx.get(server.url + "/metrics").text
         left = 0
         for round_ in range(ROUNDS):
             left += asyncio.run(one_round(server.url, model, round_))

@@ -8,7 +8,7 @@ import pytest
 
 from jupyter_llm.backends.base import BackendError
 from jupyter_llm.manager import EngineManager, NoBackendError, QueueFullError, build_requests
-from jupyter_llm.params import ParamError, SamplingParams
+from jupyter_llm.schema import ParamError, SamplingParams
 
 
 def test_build_requests_prompt_chat_and_conversations():

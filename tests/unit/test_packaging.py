@@ -9,11 +9,11 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from paths import ROOT
+
 BUILT = ROOT / "jupyter_llm" / "labextension"
 
 
@@ -55,5 +55,5 @@ def test_wheel_installs_the_prebuilt_labextension(wheel):
 
 def test_wheel_carries_the_widget_assets(wheel):
     names = set(wheel.namelist())
-    assert {"jupyter_llm/widgets/playground.js", "jupyter_llm/widgets/playground.css"} <= names
+    assert {"jupyter_llm/notebook/widgets/playground.js", "jupyter_llm/notebook/widgets/playground.css"} <= names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "labextension/"))]

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from jupyter_llm.params import SamplingParams
 from jupyter_llm.sampling import Sampler, SamplingState, apply_penalties, filter_probs, processed_probs
+from jupyter_llm.schema import SamplingParams
 
 
 def state(prompt=(1, 2), sample_index=0, **params):

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...params import ParamError
-from ...sampling import Sampler
-from ..base import BackendError, BackendOptions, Capabilities, package_availability
-from ..inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+from jupyter_llm.backends.base import BackendError, BackendOptions, Capabilities, package_availability
+from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+from jupyter_llm.sampling import Sampler
+from jupyter_llm.schema import ParamError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20
           "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
 
 
-def parse_memory(value: int | float | str) -> int:
+def parse_memory(value: float | str) -> int:
     """Bytes from 1073741824, "1GiB", "512MiB", "1.5G" (K/M/G alone are binary units)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value <= 0:
@@ -114,7 +114,7 @@ class NativeStepEngine(StepEngine):
         return stats
 
     def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
-        from .runner import StepItem
+        from jupyter_llm.backends.native.model_runner import StepItem
 
         started = time.perf_counter()  # the speed-up estimate counts the proposer's time too
         proposals, base_len = self._propose()
@@ -171,8 +171,8 @@ class NativeStepEngine(StepEngine):
     def _emit(self, chunks: list[Any], logits: Any, proposals: dict[int, Any]) -> dict[int, tuple[list[int], list]]:
         """The tokens (and logprobs) each sampling chunk emits, by seq_id. `logits` holds one row
         per chunk, or 1 + len(guesses) rows for a sampling chunk with guesses."""
-        from ...sampling import token_logprobs
-        from .speculative import verify
+        from jupyter_llm.backends.native.speculative import verify
+        from jupyter_llm.sampling import token_logprobs
 
         emitted: dict[int, tuple[list[int], list]] = {}
         plain_rows: list[int] = []
@@ -222,8 +222,8 @@ def build_runner(model: Any, config: Any, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool) -> tuple[Any, Any]:
     """A ModelRunner over a KV pool of `num_blocks` blocks in the model's dtype and device, and
     the pool's BlockManager."""
-    from .kv_cache import BlockManager, KVCachePool
-    from .runner import ModelRunner
+    from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
+    from jupyter_llm.backends.native.model_runner import ModelRunner
 
     param = next(model.parameters())  # the embedding: float even in an int8 model
     pool = KVCachePool.for_model(config, num_blocks, block_size, param.dtype, param.device)
@@ -237,8 +237,8 @@ def build_engine(model: Any, config: Any, *, num_blocks: int, block_size: int = 
     """A step engine over `model`: its runner and KV pool, a Scheduler, and with a
     `SpeculativeConfig` a Speculator (`draft`: the draft model, its config and its pool's
     block count, for method "draft"). What `NativeBackend.load` builds; tests use it directly."""
-    from .scheduler import Scheduler, SchedulerConfig
-    from .speculative import DraftModelProposer, Speculator
+    from jupyter_llm.backends.native.scheduler import Scheduler, SchedulerConfig
+    from jupyter_llm.backends.native.speculative import DraftModelProposer, Speculator
 
     runner, blocks = build_runner(model, config, num_blocks, block_size, enable_prefix_caching)
     scheduler = Scheduler(blocks, SchedulerConfig(max_num_seqs=max_num_seqs,
@@ -271,11 +271,11 @@ class NativeBackend(InProcessBackend):
     def load(self, progress: bool = True) -> None:
         import torch
 
-        from ...models import ensure_hf_folder, resolve_model
-        from ...progress import steps
-        from ..hf import resolve_device
-        from .kv_cache import KVCachePool
-        from .speculative import SpeculativeConfig
+        from jupyter_llm.backends.devices import resolve_device
+        from jupyter_llm.backends.native.kv_cache import KVCachePool
+        from jupyter_llm.backends.native.speculative import SpeculativeConfig
+        from jupyter_llm.model_files import ensure_hf_folder, resolve_model
+        from jupyter_llm.progress import steps
 
         options: NativeOptions = self.options  # type: ignore[assignment]
         if options.dtype not in DTYPES:
@@ -308,7 +308,7 @@ class NativeBackend(InProcessBackend):
                 draft = self._load_draft(speculative, model, config, dtype, progress)
             bar.update(1)
             if options.quantization == "int8":
-                from .quant import CALIBRATION_TEXT, quantize_int8
+                from jupyter_llm.backends.native.quant import CALIBRATION_TEXT, quantize_int8
 
                 quantize_int8(model, self.tokenizer.encode(CALIBRATION_TEXT))
             bar.update(1)
@@ -362,7 +362,7 @@ class NativeBackend(InProcessBackend):
         the target's weights; int8-quantized with `--draft-quantization int8`."""
         import copy
 
-        from ...models import ensure_hf_folder, resolve_model
+        from jupyter_llm.model_files import ensure_hf_folder, resolve_model
 
         if speculative.draft_model is None:
             draft, draft_config = copy.deepcopy(target), target_config
@@ -374,7 +374,7 @@ class NativeBackend(InProcessBackend):
                 raise ParamError(f"the draft model {spec.name!r} does not share the target's tokenizer "
                                  "(different vocabulary); speculative decoding needs the same token ids")
         if speculative.draft_quantization == "int8":
-            from .quant import CALIBRATION_TEXT, quantize_int8
+            from jupyter_llm.backends.native.quant import CALIBRATION_TEXT, quantize_int8
 
             quantize_int8(draft, self.tokenizer.encode(CALIBRATION_TEXT))
         return draft, draft_config
@@ -428,8 +428,8 @@ def is_seed_gpt2_folder(folder: Path) -> bool:
 def _load_weights_and_tokenizer(folder: Path, dtype: Any, device: str) -> tuple[Any, Any, Any]:
     import torch
 
-    from ...tokens import Tokenizer
-    from .loader import load_model, load_seed_gpt2
+    from jupyter_llm.backends.native.loader import load_model, load_seed_gpt2
+    from jupyter_llm.tokenization import Tokenizer
 
     if is_seed_gpt2_folder(folder):
         tokenizer = Tokenizer(TiktokenGPT2())
@@ -439,7 +439,7 @@ def _load_weights_and_tokenizer(folder: Path, dtype: Any, device: str) -> tuple[
             state_dict = state_dict["model_state_dict"]
         model, config = load_seed_gpt2(state_dict, config_dict, dtype, device)
         return model, config, tokenizer
-    from ..hf import load_tokenizer
+    from jupyter_llm.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(str(folder))
     model, config = load_model(folder, dtype=dtype, device=device)
@@ -448,7 +448,7 @@ def _load_weights_and_tokenizer(folder: Path, dtype: Any, device: str) -> tuple[
 
 class TiktokenGPT2:
     """tiktoken's GPT-2 encoding with the few methods of a transformers tokenizer that
-    `jupyter_llm.tokens.Tokenizer` uses (for the book's GPT-2, which has no tokenizer.json)."""
+    `jupyter_llm.output.Tokenizer` uses (for the book's GPT-2, which has no tokenizer.json)."""
 
     EOS = "<|endoftext|>"
 

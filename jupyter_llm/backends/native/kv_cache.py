@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import ModelConfig
+from jupyter_llm.backends.native.config import ModelConfig
 
 
 class KVCachePool:

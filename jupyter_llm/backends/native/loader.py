@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .models import build_model
-from .models.llama import interleave_rope_rows
+from jupyter_llm.backends.native.config import ModelConfig
+from jupyter_llm.backends.native.models import build_model
+from jupyter_llm.backends.native.models.llama import interleave_rope_rows
 
 StateDict = Mapping[str, torch.Tensor]
 

@@ -87,7 +87,7 @@ def quantize_int8(model: nn.Module, calibration_ids: list[int] | None = None) ->
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, Int8Linear(module.weight, module.bias))
     if getattr(model, "lm_head", "absent") is None:  # tied: quantize a copy of the embedding matrix
-        embedding = getattr(model, "embed_tokens", None) or getattr(model, "wte")
+        embedding = getattr(model, "embed_tokens", None) or model.wte
         model.lm_head = Int8Linear(embedding.weight)
     return model
 
@@ -142,8 +142,8 @@ def smooth_swiglu(model: nn.Module, calibration_ids: list[int], alpha: float = 0
 
 def _forward_once(model: nn.Module, token_ids: list[int]) -> None:
     """One prefill of `token_ids` over a scratch KV pool just large enough."""
-    from .kv_cache import BlockManager, KVCachePool
-    from .runner import ModelRunner, StepItem
+    from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
+    from jupyter_llm.backends.native.model_runner import ModelRunner, StepItem
 
     block_size, n = 16, len(token_ids)
     num_blocks = -(-n // block_size)

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .kv_cache import BlockManager
+from jupyter_llm.backends.native.kv_cache import BlockManager
 
 
 @dataclass
@@ -60,7 +60,7 @@ class SchedulerConfig:
 class _Entry:
     """The scheduler's record of one sequence."""
 
-    __slots__ = ("seq", "seq_id", "tokens", "num_computed", "order", "running")
+    __slots__ = ("num_computed", "order", "running", "seq", "seq_id", "tokens")
 
     def __init__(self, seq: Any, order: int) -> None:
         self.seq = seq

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...params import ParamError
-from ...sampling import SamplingState, draw, processed_probs
+from jupyter_llm.sampling import SamplingState, draw, processed_probs
+from jupyter_llm.schema import ParamError
 
 METHODS = ("ngram", "draft")
 # vLLM's speculative_config keys (and its method names) that mean something here.
@@ -187,7 +187,7 @@ class DraftModelProposer:
     @torch.inference_mode()
     def propose(self, requests: Sequence[tuple[Any, list[int], int]]) -> dict[int, Proposal]:
         """requests: (sequence, its tokens, K) per decoding sequence."""
-        from .runner import StepItem
+        from jupyter_llm.backends.native.model_runner import StepItem
 
         guesses: dict[int, list[int]] = {}
         probs: dict[int, list[torch.Tensor]] = {}

@@ -8,7 +8,7 @@ import torch
 
 from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
-from jupyter_llm.backends.native.runner import ModelRunner, StepItem
+from jupyter_llm.backends.native.model_runner import ModelRunner, StepItem
 from manager_helpers import load_keeping_default
 
 VOCAB = 96

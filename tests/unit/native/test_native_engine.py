@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jupyter_llm.backends.inprocess import Sequence
 from jupyter_llm.backends.native.backend import build_engine
 from jupyter_llm.backends.native.loader import load_model
-from jupyter_llm.params import GenerationRequest, SamplingParams
+from jupyter_llm.schema import GenerationRequest, SamplingParams
 from tiny_models import tiny_llama_folder
 
 MAX_LEN = 40

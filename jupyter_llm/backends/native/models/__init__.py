@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ModelConfig
-from .gpt2 import GPT2ForCausalLM
-from .llama import LlamaForCausalLM
+from jupyter_llm.backends.native.config import ModelConfig
+from jupyter_llm.backends.native.models.gpt2 import GPT2ForCausalLM
+from jupyter_llm.backends.native.models.llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM, "gpt2": GPT2ForCausalLM}
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionMetadata, paged_attention
-from ..config import ModelConfig
-from ..kv_cache import KVCachePool
-from .head import vocab_logits
+from jupyter_llm.backends.native.attention import AttentionMetadata, paged_attention
+from jupyter_llm.backends.native.config import ModelConfig
+from jupyter_llm.backends.native.kv_cache import KVCachePool
+from jupyter_llm.backends.native.models.head import vocab_logits
 
 
 class GPT2Attention(nn.Module):

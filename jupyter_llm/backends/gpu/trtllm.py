@@ -1,0 +1,125 @@
+"""The trtllm backend: TensorRT-LLM's `LLM` in this process (NVIDIA GPU), from a Hugging Face
+model or a built engine directory.
+
+`llm.generate_async(prompt, sampling_params, streaming=True)` yields cumulative
+RequestOutputs (`OutputTracker` turns them into delta events); `abort()` on the result
+cancels the request. TensorRT-LLM samples and matches stop strings itself: every
+SamplingParams field maps to TensorRT-LLM's field of the same name.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_llm.backends.base import Capabilities
+from jupyter_llm.backends.gpu.engine import (
+    GPUEngineBackend,
+    GPUEngineOptions,
+    build_outside_loop,
+    memory_fraction,
+    shared_engine_kwargs,
+    shared_sampling_kwargs,
+    stream_events,
+)
+from jupyter_llm.schema import GenerationRequest, SamplingParams, TokenEvent
+from jupyter_llm.tokenization import Tokenizer
+
+INSTALL_HINT = "pip install 'jupyter-llm[trtllm]'"
+
+
+@dataclass
+class TRTLLMOptions(GPUEngineOptions):
+    enable_block_reuse: bool = True  # KV cache reuse across requests (prefix caching)
+    free_gpu_memory_fraction: float = 0.9  # of the free GPU memory, for the KV cache
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    max_seq_len: int | None = None
+    tokenizer: str | None = None  # for an engine directory without tokenizer files
+
+
+def llm_kwargs(model: str, options: TRTLLMOptions) -> dict[str, Any]:
+    """tensorrt_llm.LLM keyword arguments, except kv_cache_config (see kv_cache_kwargs)."""
+    return shared_engine_kwargs(model, options, ("max_batch_size", "max_num_tokens", "max_seq_len", "tokenizer"))
+
+
+def kv_cache_kwargs(options: TRTLLMOptions) -> dict[str, Any]:
+    return {"enable_block_reuse": options.enable_block_reuse,
+            "free_gpu_memory_fraction": memory_fraction(options, "free_gpu_memory_fraction")}
+
+
+def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """tensorrt_llm.SamplingParams keyword arguments, field by field (None leaves a filter off)."""
+    return shared_sampling_kwargs(params, top_k=params.top_k or None, min_p=params.min_p or None,
+                                  stop=list(params.stop) or None)
+
+
+def context_length(folder: str) -> int | None:
+    """The context of an HF folder (max_position_embeddings) or a built engine (build_config.max_seq_len)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    return data.get("max_position_embeddings") or (data.get("build_config") or {}).get("max_seq_len")
+
+
+class TRTLLMBackend(GPUEngineBackend):
+    kind = "trtllm"
+    description = "TensorRT-LLM in process (NVIDIA GPU): HF models or built engines, in-flight batching"
+    package = "tensorrt_llm"
+    install_hint = INSTALL_HINT
+    options_class = TRTLLMOptions
+    capabilities = Capabilities(batching="continuous", devices=("cuda",))
+
+    def __init__(self, model: str | None = None, **options: Any):
+        super().__init__(model, **options)
+        self.llm: Any = None
+
+    def load(self, progress: bool = True) -> None:
+        from jupyter_llm.model_files import ensure_hf_folder, resolve_model
+        from jupyter_llm.tokenization import load_tokenizer
+
+        options: TRTLLMOptions = self.options  # type: ignore[assignment]
+        spec = resolve_model(self.model_arg)
+        path = ensure_hf_folder(spec, progress)
+        kwargs, kv = llm_kwargs(path, options), kv_cache_kwargs(options)
+
+        def build() -> Any:
+            from tensorrt_llm import LLM
+            from tensorrt_llm.llmapi import KvCacheConfig
+
+            return LLM(kv_cache_config=KvCacheConfig(**kv), **kwargs)
+
+        self.llm = build_outside_loop(build)
+        self.tokenizer: Tokenizer = load_tokenizer(options.tokenizer or path)
+        self.model_name = spec.name
+        self.dtype = options.dtype
+        self.device = f"cuda x{options.tensor_parallel_size}"
+        self._max_model_len = int(options.max_seq_len or getattr(getattr(self.llm, "args", None), "max_seq_len", None)
+                                  or context_length(path) or 2048)
+        self.capabilities = Capabilities(batching="continuous", prefix_cache=options.enable_block_reuse,
+                                         devices=("cuda",))
+
+    async def stop(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        from tensorrt_llm import SamplingParams as TRTSamplingParams
+
+        prompt_ids, tracker = self.open_request(request)
+        sampling = TRTSamplingParams(**sampling_kwargs(request.params))
+        result = self.llm.generate_async(prompt_ids, sampling_params=sampling, streaming=True)
+        try:
+            async for event in stream_events(result, tracker, len(prompt_ids), self.meter):
+                yield event
+        finally:
+            if not tracker.done:
+                result.abort()
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "kv_block_reuse": self.capabilities.prefix_cache,
+                "tensor_parallel": self.options.tensor_parallel_size}  # type: ignore[attr-defined]

@@ -1,0 +1,97 @@
+"""`ModelRunner`: turns one scheduled step (a list of `StepItem`s) into tensors, runs the model, returns logits."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from jupyter_llm.backends.native.attention import AttentionMetadata
+from jupyter_llm.backends.native.config import ModelConfig
+from jupyter_llm.backends.native.kv_cache import KVCachePool
+
+
+@dataclass
+class StepItem:
+    """One sequence's share of a step: compute `token_ids`, which sit at positions
+    [start_pos, start_pos + len(token_ids)); the first start_pos tokens already have K/V in the
+    blocks of `block_table`. `slot_mapping` gives the pool slot of each new token
+    (`BlockManager.slot_mapping(seq_id, start_pos, start_pos + len(token_ids))`)."""
+
+    seq_id: int
+    token_ids: Sequence[int]
+    start_pos: int
+    block_table: Sequence[int]
+    slot_mapping: Sequence[int]
+
+
+# fbgemm's int8 GEMMs for a few rows ran 1.5-2.5x slower on two threads than on one when called
+# from a thread other than the main one (the compute thread always is), measured on the 2-core
+# development machine: batch 1 17 ms vs 29-38 ms per forward of SmolLM2; batch 16 41-50 vs 55-59;
+# at 32 the two were even. float32 forwards showed no such loss.
+INT8_ONE_THREAD_TOKENS = 16
+
+
+class ModelRunner:
+    """Runs the model over a batch that mixes decode tokens and prefill chunks of several sequences."""
+
+    def __init__(self, model: nn.Module, config: ModelConfig, kv_pool: KVCachePool) -> None:
+        from jupyter_llm.backends.native.quant import Int8Linear
+
+        self.model = model
+        self.config = config
+        self.kv_pool = kv_pool
+        self.device = kv_pool.k.device
+        self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+
+    @torch.inference_mode()
+    def run(self, batch: Sequence[StepItem], num_logits: Sequence[int] | None = None) -> torch.Tensor:
+        """Compute one step; return logits (float32, or float64 for a float64 model) of the last
+        new token of each item, [B, V] (for an item that is a mid-prompt chunk the caller ignores
+        its row). With `num_logits`, return the logits of the last num_logits[i] new tokens of
+        item i instead, concatenated in batch order (speculative verification needs every
+        guessed position).
+
+        Single-token items (decodes) go first in the flat batch, sorted by context length, so
+        that attention batches them with no reordering (see attention.py); rows come back in
+        the caller's order."""
+        query_lens = [len(item.token_ids) for item in batch]
+        # Decodes first, shortest context first (attention groups them by length), then chunks.
+        order = sorted(range(len(batch)),
+                       key=lambda i: (query_lens[i] != 1, batch[i].start_pos if query_lens[i] == 1 else 0))
+        positions: list[int] = []
+        input_ids: list[int] = []
+        slots: list[int] = []
+        starts = [0] * len(batch)  # row of each item's first token in the flat batch
+        for i in order:
+            item, n = batch[i], query_lens[i]
+            starts[i] = len(input_ids)
+            input_ids.extend(item.token_ids)
+            positions.extend(range(item.start_pos, item.start_pos + n))
+            slots.extend(item.slot_mapping)
+        meta = AttentionMetadata.build(
+            query_lens=[query_lens[i] for i in order],
+            context_lens=[batch[i].start_pos + query_lens[i] for i in order],
+            block_tables=[batch[i].block_table for i in order],
+            slot_mapping=slots,
+            block_size=self.kv_pool.block_size,
+            device=self.device,
+        )
+        ids = torch.tensor(input_ids, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        threads = torch.get_num_threads()
+        one_thread = self.int8 and len(input_ids) <= INT8_ONE_THREAD_TOKENS and threads > 1
+        if one_thread:
+            torch.set_num_threads(1)
+        wanted = num_logits or [1] * len(batch)
+        rows = [starts[i] + j for i in range(len(batch)) for j in range(query_lens[i] - wanted[i], query_lens[i])]
+        try:
+            hidden = self.model(ids, pos, meta, self.kv_pool)
+            if rows != list(range(len(input_ids))):
+                hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
+            logits = self.model.compute_logits(hidden)
+        finally:
+            if one_thread:
+                torch.set_num_threads(threads)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -1,0 +1,412 @@
+"""The `openai` backend: any OpenAI-compatible server (vllm serve, trtllm-serve, SGLang,
+llama.cpp's and llama-cpp-python's servers, this project's own `%llm_serve`).
+
+Every sample is one streamed request (n > 1 sends n requests, sample i with seed + i), read
+over SSE with httpx; closing the event stream closes the HTTP request, which tells the
+server to stop. Stop strings are matched here with the shared StopMatcher rather than
+sent, so every server reports which stop string matched. Opening a request is retried on
+connection failures and 429/503 (honouring Retry-After), and a circuit breaker fails
+fast for a cool-down after repeated connection failures.
+
+Token ids: the OpenAI protocol carries text, not ids. vLLM returns ids when asked
+(`return_token_ids`) and chunks that carry `token_ids` are used as they are; otherwise a
+local tokenizer that matches the server's model (--tokenizer, or the served model when it
+is a local file or folder) turns each streamed piece back into ids. Without either,
+events carry text only.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from jupyter_llm.backends.base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    Capabilities,
+    check_prompt_fits,
+    package_availability,
+)
+from jupyter_llm.backends.meter import TokenMeter
+from jupyter_llm.backends.openai.resilience import CONNECTION_ERRORS, CircuitBreaker, RetryPolicy, send_with_retries
+from jupyter_llm.backends.openai.wire import (
+    DIALECTS,
+    TOKEN_ID_OWNERS,
+    Delta,
+    capabilities_for,
+    detect_dialect,
+    error_message,
+    parse_chunk,
+    refusal_error,
+    refusals,
+    request_body,
+    sse_payload,
+)
+from jupyter_llm.output import StopMatcher
+from jupyter_llm.schema import GenerationRequest, Message, ParamError, TokenEvent, TokenLogprob
+from jupyter_llm.tokenization import Tokenizer
+
+DEFAULT_MAX_MODEL_LEN = 131072  # when neither the server nor --max-model-len says
+_FINISH = {"length": "length", "abort": "cancelled", "cancelled": "cancelled"}
+
+
+@dataclass
+class OpenAIOptions(BackendOptions):
+    url: str = "http://127.0.0.1:8000/v1"
+    api_key: str | None = None
+    api_key_env: str | None = None  # name of an environment variable holding the key
+    dialect: str = "auto"  # auto | vllm | llamacpp | openai (see openai_wire)
+    tokenizer: str | None = None  # a local model whose tokenizer is the server's (alias, folder, .gguf)
+    max_model_len: int | None = None  # default: what /v1/models says, else 131072
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0  # most seconds between two chunks of a stream
+    max_retries: int = 3
+    breaker_threshold: int = 5  # consecutive connection failures that open the circuit
+    breaker_cooldown: float = 30.0  # seconds it stays open
+
+
+def normalize_url(url: str) -> str:
+    """'http://host:port' means 'http://host:port/v1'; a URL with a path is used as given."""
+    url = url.rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ParamError(f"--url must be an http(s) URL like http://127.0.0.1:8000/v1, got {url!r}")
+    return url if parts.path else url + "/v1"
+
+
+def local_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer of a model the registry resolves (GGUF: its vocabulary only; HF: tokenizer files)."""
+    from jupyter_llm.model_files import resolve_model
+
+    spec = resolve_model(name)
+    if spec.is_gguf:
+        from jupyter_llm.gguf_vocab import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(spec.path)
+    from jupyter_llm.tokenization import load_tokenizer
+
+    return load_tokenizer(spec.path)
+
+
+class OpenAIBackend(Backend):
+    kind = "openai"
+    description = "any OpenAI-compatible server (vLLM, TensorRT-LLM, SGLang, llama.cpp, %llm_serve)"
+    install_hint = "pip install httpx"
+    options_class = OpenAIOptions
+    capabilities = Capabilities(devices=("remote",))
+
+    def __init__(self, model: str | None = None, **options: Any):
+        super().__init__(model, **options)
+        opts: OpenAIOptions = self.options  # type: ignore[assignment]
+        if opts.dialect not in DIALECTS:
+            raise ParamError(f"--dialect must be one of {', '.join(DIALECTS)}, got {opts.dialect!r}")
+        self.url = normalize_url(opts.url)
+        self.root = self.url.removesuffix("/v1")
+        self.dialect = opts.dialect
+        self.tokenizer: Tokenizer | None = None
+        self.policy = RetryPolicy(max_retries=opts.max_retries)
+        self.breaker = CircuitBreaker(opts.breaker_threshold, opts.breaker_cooldown)
+        self.meter = TokenMeter()
+        self.retries = 0
+        self.errors = 0
+        self.client: httpx.AsyncClient | None = None
+        self._token_ids_from_server = False
+        self._max_model_len = DEFAULT_MAX_MODEL_LEN
+        self._max_model_len_known = False
+        self.device = urlsplit(self.url).netloc
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        return package_availability(cls.install_hint, "httpx")
+
+    # --- life cycle -------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        opts: OpenAIOptions = self.options  # type: ignore[assignment]
+        key = opts.api_key
+        if opts.api_key_env:
+            key = os.environ.get(opts.api_key_env)
+            if not key:
+                raise BackendError(f"--api-key-env {opts.api_key_env}: that environment variable is not set")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _timeout(self) -> httpx.Timeout:
+        opts: OpenAIOptions = self.options  # type: ignore[assignment]
+        return httpx.Timeout(opts.read_timeout, connect=opts.connect_timeout)
+
+    def load(self, progress: bool = True) -> None:
+        """Ask the server for its models: pick one, learn its dialect and context length."""
+        opts: OpenAIOptions = self.options  # type: ignore[assignment]
+        try:
+            response = httpx.get(self.url + "/models", headers=self._headers(), timeout=self._timeout())
+        except httpx.HTTPError as error:
+            raise BackendError(f"cannot reach {self.url} ({type(error).__name__}: {error}); is the server "
+                               f"running? (--url)") from None
+        if response.status_code != 200:
+            raise refusal_error(response.status_code, error_message(response.content), self.url)
+        cards = [c for c in response.json().get("data", []) if isinstance(c, dict) and c.get("id")]
+        if not cards:
+            raise BackendError(f"{self.url}/models lists no model")
+        ids = [c["id"] for c in cards]
+        if self.model_arg and self.model_arg not in ids:
+            raise BackendError(f"{self.url} does not serve {self.model_arg!r}; it serves: {', '.join(ids)}")
+        card = cards[ids.index(self.model_arg)] if self.model_arg else cards[0]
+        self.model_name = card["id"]
+        owner = str(card.get("owned_by", ""))
+        if self.dialect == "auto":
+            self.dialect = detect_dialect(owner)
+        self.capabilities = capabilities_for(self.dialect)
+        self._token_ids_from_server = self.dialect == "vllm" and owner in TOKEN_ID_OWNERS
+        told = opts.max_model_len or card.get("max_model_len")
+        self._max_model_len_known = bool(told)
+        self._max_model_len = int(told or DEFAULT_MAX_MODEL_LEN)
+        self.tokenizer = self._find_tokenizer(opts.tokenizer, card)
+        self.dtype = self.dialect
+
+    def _find_tokenizer(self, explicit: str | None, card: dict[str, Any]) -> Tokenizer | None:
+        if explicit:
+            return local_tokenizer(explicit)
+        # The served model may be a file or folder here (llama-cpp-python serves a path; this
+        # project's server names its model in "root"): then its tokenizer is at hand.
+        from jupyter_llm.model_files import resolve_model
+
+        for name in (card.get("root"), card["id"]):
+            try:
+                if name and resolve_model(name).kind in ("gguf", "hf"):
+                    return local_tokenizer(name)
+            except (ValueError, ImportError, OSError):
+                continue
+        return None
+
+    async def start(self) -> None:
+        self.client = httpx.AsyncClient(base_url=self.url, headers=self._headers(), timeout=self._timeout(),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    # --- generation -------------------------------------------------------------------
+    def check_request(self, request: GenerationRequest) -> None:
+        super().check_request(request)
+        refused = refusals(request.params, self.dialect, bool(self.eos_token_ids))
+        if refused:
+            raise ParamError(f"backend 'openai' ({self.dialect} dialect at {self.url}) does not support "
+                             f"{', '.join(refused)}")
+
+    def _local_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """The prompt's length by the local tokenizer (None without one); refuses what cannot fit."""
+        if self.tokenizer is None or (request.is_chat and not self.tokenizer.has_chat_template):
+            return len(request.prompt_token_ids) if request.prompt_token_ids is not None else None
+        count = len(self.tokenizer.prompt_ids(request))
+        check_prompt_fits(count, self.max_model_len)
+        return count
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        self.check_request(request)
+        if self.client is None:
+            raise BackendError("the openai backend is not started")
+        prompt_tokens = self._local_prompt_tokens(request)
+        queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._sample(request, i, prompt_tokens, queue))
+                 for i in range(request.params.n)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()  # closes their HTTP streams
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _open(self, request: GenerationRequest, index: int, prompt_tokens: int | None) -> httpx.Response:
+        p = request.params
+        max_tokens = p.max_tokens
+        if prompt_tokens is not None and self._max_model_len_known:
+            # As in-process backends do, a sample ends ("length") where the context ends, rather
+            # than the server refusing max_tokens past it.
+            max_tokens = max(1, min(max_tokens, self.max_model_len - prompt_tokens))
+        path, body = request_body(request, self.model_name, self.dialect,
+                                  seed=None if p.seed is None else p.seed + index, max_tokens=max_tokens,
+                                  eos_ids=self.eos_token_ids, token_ids=self._token_ids_from_server)
+        assert self.client is not None
+        client = self.client
+
+        def count_retry(_: str) -> None:
+            self.retries += 1
+
+        response = await send_with_retries(lambda: client.send(client.build_request("POST", path, json=body),
+                                                               stream=True),
+                                           self.policy, self.breaker, self.url, count_retry)
+        if response.status_code != 200:
+            message = error_message(await response.aread())
+            await response.aclose()
+            raise refusal_error(response.status_code, message, self.url,
+                                self.max_model_len if self._max_model_len_known else None)
+        return response
+
+    async def _sample(self, request: GenerationRequest, index: int, prompt_tokens: int | None,
+                      queue: asyncio.Queue) -> None:
+        """Stream one sample into `queue`: its events, or an exception if it could not start."""
+        self.meter.started()
+        try:
+            try:
+                response = await self._open(request, index, prompt_tokens)
+            except Exception as error:
+                self.errors += 1
+                queue.put_nowait(error)
+                return
+            reader = _SampleReader(self, request, index, prompt_tokens)
+            try:
+                async for line in response.aiter_lines():
+                    for event in reader.feed(line):
+                        queue.put_nowait(event)
+                    if reader.done:
+                        return  # a stop string matched, or the server finished: closing ends the request
+                queue.put_nowait(reader.finish(None))
+            except (httpx.TimeoutException, *CONNECTION_ERRORS) as error:
+                self.errors += 1
+                message = f"the connection to {self.url} failed mid-stream ({type(error).__name__}: {error})"
+                if not isinstance(error, httpx.TimeoutException):
+                    self.breaker.record_failure(message)
+                queue.put_nowait(reader.finish("error", message))
+            except ValueError as error:  # a chunk that is not the OpenAI shape
+                self.errors += 1
+                queue.put_nowait(reader.finish("error", f"{self.url} sent an unreadable chunk: {error}"))
+            finally:
+                await response.aclose()
+        finally:
+            self.meter.finished()
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": self.meter.running, "waiting": 0, "tokens_per_s": self.meter.tokens_per_s(),
+                "tokens_generated": self.meter.tokens_generated, "url": self.url, "dialect": self.dialect,
+                "circuit": self.breaker.describe(), "retries": self.retries, "errors": self.errors}
+
+    # --- tokenizer services -------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(text)
+        # vLLM's /tokenize, then llama-cpp-python's /extras/tokenize.
+        for path, body in (("/tokenize", {"model": self.model_name, "prompt": text}),
+                           ("/extras/tokenize", {"input": text})):
+            try:
+                response = httpx.post(self.root + path, json=body, headers=self._headers(), timeout=self._timeout())
+            except httpx.HTTPError:
+                break
+            if response.status_code == 200 and "tokens" in response.json():
+                return list(response.json()["tokens"])
+        raise BackendError(f"cannot tokenize: {self.root} offers no tokenize endpoint; pass --tokenizer MODEL "
+                           f"(the served model's tokenizer) to tokenize here")
+
+    def apply_chat_template(self, messages: list[Message]) -> str:
+        if self.tokenizer is None:
+            raise BackendError("the server applies its own chat template to chat messages; to render it here, "
+                               "pass --tokenizer MODEL")
+        return self.tokenizer.apply_chat_template(messages)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
+
+    def token_id(self, text: str) -> int:
+        """The id of a token given as text, by the local tokenizer; -1 when unknown."""
+        if self.tokenizer is None or not text:
+            return -1
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else -1
+
+
+class _SampleReader:
+    """Turns the SSE lines of one sample into TokenEvents: ids, logprobs, stop strings, finish."""
+
+    def __init__(self, backend: OpenAIBackend, request: GenerationRequest, index: int, prompt_tokens: int | None):
+        self.backend = backend
+        self.request_id = request.id
+        self.index = index
+        self.chat = request.is_chat
+        self.top = request.params.logprobs or 0
+        self.stops = StopMatcher(request.params.stop)
+        self.prompt_tokens = prompt_tokens
+        self.server_finish: str | None = None
+        self.done = False
+
+    def feed(self, line: str) -> list[TokenEvent]:
+        payload = sse_payload(line)
+        if payload is None:
+            return []
+        if payload == "[DONE]":
+            return [self.finish(self.server_finish or "stop")]
+        if "error" in payload and not payload.get("choices"):  # an error in the middle of a stream
+            error = payload["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            return [self.finish("error", f"{self.backend.url}: {message}")]
+        delta, prompt_tokens = parse_chunk(payload, self.chat, self.top)
+        if prompt_tokens is not None:
+            self.prompt_tokens = prompt_tokens
+        if delta is None:
+            return []
+        if delta.finish_reason:
+            self.server_finish = _FINISH.get(delta.finish_reason, "stop")
+        return self._token_event(delta)
+
+    def _token_event(self, delta: Delta) -> list[TokenEvent]:
+        event = TokenEvent(self.request_id, self.index)
+        event.token_ids = self._ids(delta)
+        if delta.logprobs is not None:
+            event.logprobs = self._logprobs(delta, event.token_ids)
+        event.text, stop = self.stops.feed(delta.text)
+        self.backend.meter.add(len(event.token_ids) or (1 if delta.text else 0))
+        if stop is not None:
+            event.stop_reason = stop
+            self._finish_event(event, "stop")
+            return [event]
+        return [event] if (event.text or event.token_ids) else []
+
+    def _ids(self, delta: Delta) -> list[int]:
+        if delta.token_ids is not None:
+            return delta.token_ids
+        tokenizer = self.backend.tokenizer
+        if tokenizer is None:
+            return []
+        if delta.logprobs:  # one entry per generated token
+            return [self.backend.token_id(token) for token, _, _ in delta.logprobs]
+        return tokenizer.encode(delta.text, add_special_tokens=False) if delta.text else []
+
+    def _logprobs(self, delta: Delta, ids: list[int]) -> list[TokenLogprob]:
+        assert delta.logprobs is not None
+        token_id = self.backend.token_id
+        exact = len(ids) == len(delta.logprobs)
+        return [TokenLogprob(ids[i] if exact else token_id(token), token, value,
+                             [(token_id(alt), alt, alt_value) for alt, alt_value in top])
+                for i, (token, value, top) in enumerate(delta.logprobs)]
+
+    def finish(self, reason: str | None, error: str | None = None) -> TokenEvent:
+        """The last event: what the stop matcher held back, the finish reason, the prompt length."""
+        event = TokenEvent(self.request_id, self.index, text=self.stops.flush(), error=error)
+        if reason is None:  # the stream ended without [DONE]
+            reason = self.server_finish or "error"
+            if reason == "error":
+                event.error = f"{self.backend.url} closed the stream before the end of the answer"
+        self._finish_event(event, reason)
+        return event
+
+    def _finish_event(self, event: TokenEvent, reason: str) -> None:
+        event.finish_reason = reason
+        event.prompt_tokens = self.prompt_tokens or 0
+        self.done = True

@@ -1,0 +1,140 @@
+"""Retries with backoff (honouring Retry-After) and a circuit breaker, for backends that
+talk to a server over HTTP.
+
+Only the opening of a request is retried (a refused connection, a 429 or a 503): once
+tokens flow, a retry would repeat them. The breaker counts consecutive connection
+failures; past a threshold it opens and requests fail at once for a cool-down. Then
+requests go through again (half-open): the first success closes it, a failure reopens it.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from jupyter_llm.backends.base import BackendError
+
+RETRY_STATUSES = (429, 503)
+# Failures that say nothing reached the server, or the server went away.
+CONNECTION_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+                     httpx.WriteError)
+
+
+class CircuitOpenError(BackendError):
+    """The breaker is open: the server failed repeatedly and is not tried until the cool-down ends."""
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 3
+    backoff: float = 0.5  # first delay; doubles each attempt, with jitter
+    max_backoff: float = 8.0
+    max_wait: float = 30.0  # a Retry-After longer than this is not waited for
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        if retry_after is not None:
+            return retry_after
+        return min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.8, 1.2)
+
+
+class CircuitBreaker:
+    """Thread-safe: status tables read it from other threads."""
+
+    def __init__(self, threshold: int = 5, cooldown: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self.failures = 0  # consecutive connection failures
+        self.opened_at: float | None = None
+        self.last_error = ""
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self.opened_at is None:
+                return "closed"
+            return "open" if self.clock() - self.opened_at < self.cooldown else "half-open"
+
+    def describe(self) -> str:
+        state = self.state
+        if state == "open":
+            left = self.cooldown - (self.clock() - (self.opened_at or 0))
+            return f"open ({self.failures} connection failures; retrying in {left:.0f} s)"
+        return state
+
+    def check(self, target: str) -> None:
+        """Raise CircuitOpenError while the breaker is open."""
+        if self.state == "open":
+            raise CircuitOpenError(f"{target} is unreachable: {self.describe()}; last error: {self.last_error}. "
+                                   f"Failing fast until the cool-down ends.")
+
+    def record_success(self) -> None:
+        with self._lock:
+            self.failures, self.opened_at = 0, None
+
+    def record_failure(self, error: str) -> None:
+        with self._lock:
+            self.failures += 1
+            self.last_error = error
+            half_open = self.opened_at is not None  # the trial request after a cool-down failed
+            if half_open or self.failures >= self.threshold:
+                self.opened_at = self.clock()
+
+
+async def send_with_retries(send: Callable[[], Awaitable[httpx.Response]], policy: RetryPolicy,
+                            breaker: CircuitBreaker, target: str,
+                            on_retry: Callable[[str], None] | None = None) -> httpx.Response:
+    """Open a request (streamed response), retrying connection failures and 429/503.
+
+    Returns the response of the last attempt, whatever its status; the caller reads or
+    closes it. Raises BackendError when the server cannot be reached.
+    """
+    attempt = 0
+    while True:
+        breaker.check(target)
+        try:
+            response = await send()
+        except CONNECTION_ERRORS as error:
+            message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            breaker.record_failure(message)
+            if attempt >= policy.max_retries or breaker.state == "open":
+                raise BackendError(f"cannot reach {target} ({message}) after {attempt + 1} attempt(s)") from None
+            if on_retry:
+                on_retry(message)
+            await asyncio.sleep(policy.delay(attempt))
+            attempt += 1
+            continue
+        breaker.record_success()
+        if response.status_code not in RETRY_STATUSES or attempt >= policy.max_retries:
+            return response
+        wait = retry_after_seconds(response.headers.get("retry-after"))
+        if wait is not None and wait > policy.max_wait:
+            return response  # the server asks for longer than we wait: report its answer
+        await response.aclose()
+        if on_retry:
+            on_retry(f"HTTP {response.status_code}")
+        await asyncio.sleep(policy.delay(attempt, wait))
+        attempt += 1

@@ -1,0 +1,187 @@
+"""What the `openai` backend sends and reads: request bodies for /v1/completions and
+/v1/chat/completions, stream chunks, server errors, and the dialects of the servers.
+
+A dialect is the set of fields a family of servers understands beyond OpenAI's own:
+  vllm      vLLM, SGLang, TensorRT-LLM's trtllm-serve, this project's server:
+            top_k, min_p, repetition_penalty, ignore_eos
+  llamacpp  llama-cpp-python's and llama.cpp's servers: top_k, min_p, repeat_penalty
+            (their defaults are not "off", so every field is always sent); ignore_eos
+            becomes a logit bias against the end-of-sequence ids
+  openai    OpenAI's API: only its own fields; the others are refused before sending
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from jupyter_llm.backends.base import BackendError, Capabilities
+from jupyter_llm.schema import GenerationRequest, ParamError, SamplingParams
+
+DIALECTS = ("auto", "vllm", "llamacpp", "openai")
+# /v1/models "owned_by" of known servers -> dialect; anything else speaks vLLM's extras.
+_OWNERS = {"me": "llamacpp", "llamacpp": "llamacpp", "llama.cpp": "llamacpp",
+           "openai": "openai", "system": "openai", "openai-internal": "openai"}
+# Servers asked for generated token ids (`return_token_ids`: vLLM 0.10.2+; others ignore it).
+TOKEN_ID_OWNERS = ("vllm", "jupyter-llm")
+_CONTEXT_ERROR = re.compile(r"context (length|window)|maximum context|max_model_len|too long|exceed", re.IGNORECASE)
+
+
+def detect_dialect(owned_by: str) -> str:
+    return _OWNERS.get(owned_by.lower(), "vllm")
+
+
+def capabilities_for(dialect: str) -> Capabilities:
+    if dialect == "openai":
+        return Capabilities(top_k=False, min_p=False, batching="continuous", devices=("remote",))
+    # llama-cpp-python's server takes one request at a time.
+    return Capabilities(batching="none" if dialect == "llamacpp" else "continuous", devices=("remote",))
+
+
+def refusals(params: SamplingParams, dialect: str, eos_known: bool) -> list[str]:
+    """Fields the capability record cannot express that this dialect cannot send."""
+    refused = []
+    if dialect == "openai":
+        if params.repetition_penalty != 1.0:
+            refused.append("repetition_penalty")
+        if params.ignore_eos:
+            refused.append("ignore_eos")
+    if dialect == "llamacpp" and params.ignore_eos and not eos_known:
+        refused.append("ignore_eos (the end-of-sequence ids are unknown: pass --tokenizer)")
+    return refused
+
+
+def request_body(request: GenerationRequest, model: str, dialect: str, *, seed: int | None,
+                 max_tokens: int | None = None, eos_ids: frozenset[int] = frozenset(),
+                 token_ids: bool = False) -> tuple[str, dict[str, Any]]:
+    """(path, JSON body) of one streamed sample (n = 1) of `request`; `max_tokens` overrides
+    the request's (the backend caps it at what the context leaves).
+
+    Stop strings are not sent: the backend matches them itself with the shared StopMatcher,
+    so that every server reports which one matched.
+    """
+    p = request.params
+    body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True},
+                            "max_tokens": max_tokens or p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                            "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty}
+    if seed is not None:
+        body["seed"] = seed
+    if dialect == "vllm":
+        body.update(top_k=p.top_k or -1, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
+                    ignore_eos=p.ignore_eos)
+    elif dialect == "llamacpp":
+        body.update(top_k=p.top_k, min_p=p.min_p, repeat_penalty=p.repetition_penalty)
+        if p.ignore_eos:
+            body["logit_bias"] = {str(i): -100.0 for i in sorted(eos_ids)}
+    if token_ids:
+        body["return_token_ids"] = True
+    if request.is_chat:
+        body["messages"] = request.messages
+        if p.logprobs is not None:
+            body.update(logprobs=True, top_logprobs=p.logprobs)
+        return "/chat/completions", body
+    body["prompt"] = request.prompt if request.prompt is not None else request.prompt_token_ids
+    if p.logprobs is not None:
+        body["logprobs"] = p.logprobs
+    return "/completions", body
+
+
+# (token text, logprob, [(alternative text, logprob), best first])
+RawLogprob = tuple[str, float, list[tuple[str, float]]]
+
+
+@dataclass
+class Delta:
+    """What one stream chunk says about one choice."""
+
+    text: str = ""
+    token_ids: list[int] | None = None  # only when the server reports them
+    logprobs: list[RawLogprob] | None = None
+    finish_reason: str | None = None
+
+
+def parse_chunk(payload: dict[str, Any], chat: bool, top: int) -> tuple[Delta | None, int | None]:
+    """(the first choice's delta or None, prompt tokens from usage or None)."""
+    usage = payload.get("usage") or {}
+    choices = payload.get("choices") or []
+    if not choices:
+        return None, usage.get("prompt_tokens")
+    choice = choices[0]
+    if chat:
+        text = (choice.get("delta") or choice.get("message") or {}).get("content") or ""
+    else:
+        text = choice.get("text") or ""
+    raw = choice.get("logprobs")
+    logprobs = (_chat_logprobs(raw, top) if chat else _completion_logprobs(raw, top)) if raw else None
+    ids = choice.get("token_ids")
+    return Delta(text, list(ids) if ids is not None else None, logprobs, choice.get("finish_reason")), \
+        usage.get("prompt_tokens")
+
+
+def _best(alternatives: list[tuple[str, float]], top: int) -> list[tuple[str, float]]:
+    return sorted(alternatives, key=lambda a: a[1], reverse=True)[:top]
+
+
+def _completion_logprobs(raw: dict[str, Any], top: int) -> list[RawLogprob]:
+    tokens, values = raw.get("tokens") or [], raw.get("token_logprobs") or []
+    tops = raw.get("top_logprobs") or [None] * len(tokens)
+    return [(token, value, _best(list((alts or {}).items()), top)) for token, value, alts in zip(tokens, values, tops)]
+
+
+def _chat_logprobs(raw: dict[str, Any], top: int) -> list[RawLogprob]:
+    return [(entry["token"], entry["logprob"],
+             _best([(a["token"], a["logprob"]) for a in entry.get("top_logprobs") or []], top))
+            for entry in raw.get("content") or []]
+
+
+def sse_payload(line: str) -> dict[str, Any] | str | None:
+    """The JSON object of one `data:` line, "[DONE]", or None for other lines (comments, pings,
+    events). Raises ValueError for data that is not a JSON object."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return data
+    if not data:
+        return None
+    payload = json.loads(data)
+    if not isinstance(payload, dict):
+        raise ValueError(f"a stream chunk is not a JSON object: {data[:200]}")
+    return payload
+
+
+def error_message(body: bytes | str) -> str:
+    """The message of an error body in the shapes servers use (OpenAI's, vLLM's, FastAPI's)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:500] or "no details"
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if "detail" in data:
+            return json.dumps(data["detail"]) if not isinstance(data["detail"], str) else data["detail"]
+    return text.strip()[:500]
+
+
+def refusal_error(status: int, message: str, target: str, max_model_len: int | None = None) -> Exception:
+    """The error to raise for a non-2xx answer: ParamError for a refused request, else BackendError."""
+    if status in (401, 403):
+        return BackendError(f"{target} refused the API key (HTTP {status}): {message}; "
+                            f"give --api-key or --api-key-env")
+    if status == 404:
+        return BackendError(f"{target}: not found (HTTP 404): {message}; check --url and --model")
+    if status in (429, 503):
+        return BackendError(f"{target} is busy (HTTP {status}) and retries did not help: {message}")
+    if 400 <= status < 500:
+        if _CONTEXT_ERROR.search(message):
+            known = f" (max_model_len {max_model_len})" if max_model_len else \
+                " (set --max-model-len to check prompts before sending them)"
+            return ParamError(f"the prompt does not fit the server's context{known}: {message}")
+        return ParamError(f"{target} refused the request (HTTP {status}): {message}")
+    return BackendError(f"{target} failed (HTTP {status}): {message}")

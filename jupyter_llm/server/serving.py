@@ -1,0 +1,416 @@
+"""From an OpenAI request to the manager's GenerationRequests and back.
+
+Everything that can be refused is refused before a byte of the answer goes out: the model,
+the sampling parameters, the context length (tokenized with the backend's tokenizer),
+the backend's capabilities, and admission. A stream starts once its first event arrived,
+so that even errors raised inside the backend get a proper status code. A client that goes
+away cancels its requests inside the backend (sse-starlette notices it while streaming;
+a watcher on `receive` notices it otherwise).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from jupyter_llm.backends.base import Backend, BackendError
+from jupyter_llm.manager import CompletionBuilder, NoBackendError, QueueFullError
+from jupyter_llm.schema import Completion, GenerationRequest, ParamError, SamplingParams, TokenEvent
+from jupyter_llm.server.metrics import RequestTracker, ServerMetrics
+from jupyter_llm.server.protocol import (
+    APIError,
+    ChatRequest,
+    ChatShape,
+    CompletionRequest,
+    CompletionShape,
+    SamplingFields,
+    usage,
+)
+from jupyter_llm.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "seed", "stop", "n", "ignore_eos")
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+@dataclass
+class Job:
+    """One HTTP generation request, validated and ready to run."""
+
+    shape: CompletionShape | ChatShape
+    backend: Backend
+    name: str  # the backend's name in the manager, echoed as `model`
+    requests: list[GenerationRequest]
+    n: int
+    stream: bool
+    include_usage: bool
+    id: str = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.shape.id_prefix + uuid.uuid4().hex[:24]
+
+    def envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
+        return {"id": self.id, "object": self.shape.chunk_object if chunk else self.shape.object,
+                "created": self.created, "model": self.name, "choices": choices}
+
+    def usage(self, completions: list[Completion]) -> dict[str, int]:
+        prompt = sum(c.prompt_tokens for c in completions if c.index == 0)  # once per prompt, not per sample
+        return usage(prompt, sum(c.completion_tokens for c in completions))
+
+
+def param_error(error: ParamError) -> APIError:
+    """A ParamError as a 400, naming the parameter when the message starts with it."""
+    message = str(error)
+    first = message.split(" ", 1)[0]
+    known = set(SamplingFields.model_fields) | {"max_tokens", "logprobs", "top_logprobs", "prompt", "messages"}
+    return APIError(400, message, param=first if first in known else None, code="invalid_value")
+
+
+def backend_failure(error: BaseException) -> APIError:
+    """An exception from the manager or a backend as the answer's status."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, ParamError):
+        return param_error(error)
+    if isinstance(error, QueueFullError):
+        return APIError(503, str(error), type="server_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(error, NoBackendError):
+        return APIError(404, str(error), param="model", code="model_not_found")
+    if isinstance(error, BackendError):
+        return APIError(500, str(error), type="server_error", code="backend_error")
+    log.error("generation failed", exc_info=error)
+    return APIError(500, "The server had an error while processing your request", type="server_error")
+
+
+def sample_failure(c: Completion) -> APIError:
+    """The error for a sample that ended as 'error' or 'cancelled'."""
+    if c.finish_reason == "error":
+        return APIError(500, f"the backend failed: {c.error}", type="server_error", code="backend_error")
+    return APIError(503, "the request was cancelled on the server (shutdown or cancel)", type="server_error",
+                    code="request_cancelled")
+
+
+async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # let it unwind: its stream closes and cancels the backend work
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    """One server-sent event, encoded here: the stream yields bytes ready to send."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return b"data: " + data.encode() + b"\n\n"
+
+
+class StreamResponse(EventSourceResponse):
+    """An SSE response that runs `on_close` however it ends: finished, failed, or cancelled
+    by a disconnect or a shutdown (the stream may never have been iterated).
+
+    On a shutdown signal sse-starlette would cut the stream at once; the grace period lets
+    it finish, or end with the error event that the server's shutdown cancellation sends."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Any, grace: float):
+        super().__init__(content, sep="\n", shutdown_grace_period=grace)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
+
+
+class Generation:
+    """The two generation endpoints of one app, and its admission (a bound on prompts in flight)."""
+
+    def __init__(self, manager: Any, settings: ServerSettings, metrics: ServerMetrics):
+        self.manager, self.settings, self.metrics = manager, settings, metrics
+        self.inflight: set[str] = set()  # ids of this server's GenerationRequests
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        return await self._run(await _validate(self._completion_job, body, sum(map(len, prompts))), request)
+
+    async def chat(self, body: ChatRequest, request: Request) -> Response:
+        size = sum(len(m.content) if isinstance(m.content, str) else len(str(m.content)) for m in body.messages)
+        return await self._run(await _validate(self._chat_job, body, size), request)
+
+    def cancel_all(self) -> None:
+        for request_id in list(self.inflight):
+            self.manager.cancel(request_id)
+
+    # --- validation (for long prompts in a worker thread: see _validate) ----------------------
+    def _completion_job(self, body: CompletionRequest) -> Job:
+        name, backend = self._backend(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported by this server", param="echo", code="unsupported")
+        if body.suffix is not None:
+            raise APIError(400, "suffix is not supported by this server", param="suffix", code="unsupported")
+        if body.best_of is not None and body.best_of != (body.n or 1):
+            raise APIError(400, "best_of is not supported by this server (use n)", param="best_of",
+                           code="unsupported")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        lengths = [self._count(lambda p=p: backend.tokenize(p), "prompt") for p in prompts]
+        params = self._params(body, backend, lengths, ("max_tokens", body.max_tokens), COMPLETION_DEFAULT_MAX_TOKENS,
+                              body.logprobs)
+        return self._job(CompletionShape(), name, backend, body,
+                         [GenerationRequest(prompt=p, params=params) for p in prompts])
+
+    def _chat_job(self, body: ChatRequest) -> Job:
+        name, backend = self._backend(body.model)
+        if body.tools:
+            raise APIError(400, "tool calling is not supported by this server", param="tools", code="unsupported")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
+                           code="unsupported")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
+                    for i, m in enumerate(body.messages)]
+        length = self._count(lambda: backend.tokenize(backend.apply_chat_template(messages)), "messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        limit = ("max_completion_tokens", body.max_completion_tokens) if body.max_completion_tokens is not None \
+            else ("max_tokens", body.max_tokens)
+        params = self._params(body, backend, [length], limit, None, logprobs)
+        return self._job(ChatShape(), name, backend, body, [GenerationRequest(messages=messages, params=params)])
+
+    def _job(self, shape: CompletionShape | ChatShape, name: str, backend: Backend, body: SamplingFields,
+             requests: list[GenerationRequest]) -> Job:
+        if body.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias", code="unsupported")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
+                           code="invalid_value")
+        for r in requests:
+            try:
+                backend.check_request(r)
+            except ParamError as error:
+                raise param_error(error) from None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return Job(shape, backend, name, requests, requests[0].params.n, bool(body.stream), include_usage)
+
+    def _backend(self, model: str | None) -> tuple[str, Backend]:
+        names = self.manager.names()
+        if not names:
+            raise APIError(503, "no model is loaded yet; load one in the notebook with %llm_backend",
+                           type="server_error", code="model_not_loaded")
+        if model is None:
+            name = self.manager.default or names[0]
+        elif model in names:
+            name = model
+        else:  # also accept the model's own name when one backend serves it
+            matches = [n for n in names if self._get(n).model_name == model]
+            if len(matches) > 1:
+                raise APIError(400, f"several backends serve `{model}` ({', '.join(matches)}): name one of them",
+                               param="model", code="ambiguous_model")
+            if not matches:
+                raise APIError(404, f"The model `{model}` does not exist; loaded: {', '.join(names)}",
+                               param="model", code="model_not_found")
+            name = matches[0]
+        return name, self._get(name)
+
+    def _get(self, name: str) -> Backend:
+        try:
+            return self.manager.get(name)
+        except NoBackendError as error:  # unloaded meanwhile
+            raise backend_failure(error) from None
+
+    @staticmethod
+    def _count(tokenize: Any, param: str) -> int:
+        try:
+            length = len(tokenize())
+        except Exception as error:  # e.g. lone surrogates, a chat template that refuses the roles
+            raise APIError(400, f"cannot tokenize the {param}: {error}", param=param, code="invalid_value") from None
+        if length == 0:
+            raise APIError(400, f"the {param} is empty", param=param, code="invalid_value")
+        return length
+
+    def _params(self, body: SamplingFields, backend: Backend, lengths: list[int], limit: tuple[str, int | None],
+                default: int | None, logprobs: int | None) -> SamplingParams:
+        """SamplingParams for the body; `limit` is (the field that gave max_tokens, its value)."""
+        context = backend.max_model_len
+        limit_name, max_tokens = limit
+        longest = max(lengths)
+        where = "prompt" if isinstance(body, CompletionRequest) else "messages"
+        if longest >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens, and the {where} has "
+                                f"{longest} tokens. Please reduce the length of the {where}.",
+                           param=where, code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(default or context - longest, context - longest, self.settings.max_tokens)
+        elif longest + max_tokens > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{longest + max_tokens} tokens ({longest} in the {where}, {max_tokens} in the "
+                                f"completion). Please reduce the length of the {where} or completion.",
+                           param=limit_name, code="context_length_exceeded")
+        values: dict[str, Any] = {k: getattr(body, k) for k in _SAMPLING_NAMES if getattr(body, k) is not None}
+        values.update(max_tokens=max_tokens, logprobs=logprobs)
+        try:
+            return SamplingParams(**values)
+        except ParamError as error:
+            raise param_error(error) from None
+
+    # --- running ---------------------------------------------------------------------------
+    def _admit(self, job: Job) -> None:
+        wanted, limit = len(job.requests), self.settings.max_queue
+        if wanted > limit:
+            raise APIError(400, f"{wanted} prompts in one request; this server admits at most {limit} at once",
+                           param="prompt", code="invalid_value")
+        if len(self.inflight) + wanted > limit:
+            raise APIError(503, f"The server is busy ({len(self.inflight)} prompts in flight, the limit is "
+                                f"{limit}); retry later", type="server_error", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self.inflight.update(r.id for r in job.requests)
+
+    def _release(self, job: Job) -> None:
+        self.inflight.difference_update(r.id for r in job.requests)
+
+    async def _run(self, job: Job, request: Request) -> Response:
+        self._admit(job)
+        tracker = self.metrics.tracker(job.name)
+        builder = CompletionBuilder(job.requests, job.backend.kind, job.backend.model_name)
+        stream = self.manager.astream(job.requests, job.name)
+        closed = False
+
+        async def close(outcome: str | None) -> None:
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            await stream.aclose()
+            self._release(job)
+            tracker.finished(builder.completions(), job.usage(builder.completions())["prompt_tokens"])
+            if outcome is not None:
+                self.metrics.error(outcome)
+
+        try:
+            if job.stream:
+                first = await until_disconnected(request.receive, stream.__anext__())
+                state: dict[str, str | None] = {"outcome": "client_disconnected"}
+                return StreamResponse(self._sse(job, first, stream, builder, tracker, state),
+                                      on_close=lambda: close(state["outcome"]),
+                                      grace=self.settings.shutdown_timeout + 2)
+            await until_disconnected(request.receive, self._collect(stream, builder, tracker))
+        except ClientGone:
+            await close("client_disconnected")
+            return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+        except BaseException as error:
+            failure = backend_failure(error) if isinstance(error, Exception) else None
+            await close(failure.code if failure else "cancelled")
+            if failure is None:
+                raise
+            raise failure from None
+        completions = builder.completions()
+        failed = next((c for c in completions if c.finish_reason not in ("stop", "length")), None)
+        failure = sample_failure(failed) if failed else None
+        await close(failure.code if failure else None)
+        if failure is not None:
+            raise failure
+        choices = [job.shape.choice(i, c, c.finish_reason) for i, c in enumerate(completions)]
+        return JSONResponse({**job.envelope(choices, chunk=False), "usage": job.usage(completions)})
+
+    @staticmethod
+    async def _collect(stream: AsyncIterator[TokenEvent], builder: CompletionBuilder, tracker: RequestTracker) -> None:
+        async for event in stream:
+            builder.add(event)
+            tracker.event(event)
+
+    async def _sse(self, job: Job, first: TokenEvent, stream: AsyncIterator[TokenEvent],
+                   builder: CompletionBuilder, tracker: RequestTracker, state: dict[str, str | None]
+                   ) -> AsyncIterator[bytes]:
+        started: set[int] = set()
+        offsets: dict[int, int] = {}
+        event: TokenEvent | None = first
+        while event is not None:
+            builder.add(event)
+            tracker.event(event)
+            if event.finish_reason in ("error", "cancelled"):
+                failure = sample_failure(builder.completions()[event.prompt_index * job.n + event.index])
+                state["outcome"] = failure.code
+                yield sse(failure.body())
+                yield sse("[DONE]")  # as vLLM: a client reading to [DONE] is not left waiting
+                return
+            index = event.prompt_index * job.n + event.index
+            if event.text or event.finish_reason or event.logprobs or index not in started:
+                logprobs = None
+                if event.logprobs:
+                    logprobs = job.shape.logprobs(event.logprobs, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + sum(len(e.token) for e in event.logprobs)
+                delta = job.shape.delta(index, event.text, event.finish_reason, logprobs, index not in started)
+                started.add(index)
+                chunk = job.envelope([delta], chunk=True)
+                if job.include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+            try:
+                event = await stream.__anext__()
+            except StopAsyncIteration:
+                event = None
+            except Exception as error:  # the backend failed mid-stream: the status line is gone
+                failure = backend_failure(error)
+                state["outcome"] = failure.code
+                yield sse(failure.body())
+                yield sse("[DONE]")
+                return
+        if job.include_usage:
+            yield sse({**job.envelope([], chunk=True), "usage": job.usage(builder.completions())})
+        yield sse("[DONE]")
+        state["outcome"] = None
+
+
+INLINE_TOKENIZE_CHARS = 16_000  # shorter prompts tokenize in well under a millisecond
+
+
+async def _validate(make_job: Any, body: SamplingFields, text_size: int) -> Job:
+    """Build the job here for short prompts; in a worker thread for long ones, so that
+    tokenizing them never stalls the other streams of this server."""
+    if text_size <= INLINE_TOKENIZE_CHARS:
+        return make_job(body)
+    return await anyio.to_thread.run_sync(make_job, body)
+
+
+def _text(content: str | list[Any], index: int) -> str:
+    """A message's content: a string, or text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"only text content parts are supported (message {index} has a {part.type!r} part)",
+                           param=f"messages.{index}.content", code="unsupported")
+        parts.append(part.text)
+    return "\n".join(parts)

@@ -1,0 +1,133 @@
+"""The openai backend's wire format: request bodies per dialect, stream chunks, server errors."""
+from __future__ import annotations
+
+import pytest
+
+from jupyter_llm.backends.base import BackendError
+from jupyter_llm.backends.openai.backend import normalize_url
+from jupyter_llm.backends.openai.wire import (
+    capabilities_for,
+    detect_dialect,
+    error_message,
+    parse_chunk,
+    refusal_error,
+    refusals,
+    request_body,
+    sse_payload,
+)
+from jupyter_llm.schema import GenerationRequest, ParamError, SamplingParams
+
+FULL = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.2,
+                      presence_penalty=0.3, frequency_penalty=0.4, seed=3, stop=("x",), n=2, logprobs=2,
+                      ignore_eos=True)
+
+
+def test_every_sampling_field_reaches_a_vllm_server():
+    path, body = request_body(GenerationRequest(prompt="hi", params=FULL), "m", "vllm", seed=4, token_ids=True)
+    assert path == "/completions"
+    assert body == {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 7,
+                    "temperature": 0.5, "top_p": 0.9, "presence_penalty": 0.3, "frequency_penalty": 0.4,
+                    "seed": 4, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "ignore_eos": True,
+                    "return_token_ids": True, "prompt": "hi", "logprobs": 2}
+    # n is sent as n requests (seed + i), stop strings are matched by the backend itself
+    assert "n" not in body and "stop" not in body
+
+
+def test_vllm_dialect_disables_top_k_with_minus_one():
+    _, body = request_body(GenerationRequest(prompt="hi"), "m", "vllm", seed=None)
+    assert body["top_k"] == -1 and "seed" not in body
+
+
+def test_llamacpp_dialect_sends_its_names_and_bans_eos_for_ignore_eos():
+    _, body = request_body(GenerationRequest(prompt="hi", params=FULL), "m", "llamacpp", seed=3,
+                           eos_ids=frozenset({0, 2}))
+    assert body["repeat_penalty"] == 1.2 and "repetition_penalty" not in body and "ignore_eos" not in body
+    assert body["logit_bias"] == {"0": -100.0, "2": -100.0}
+    # llama-cpp-python's own defaults (top_k 40, min_p 0.05, repeat 1.1) are overridden explicitly
+    _, plain = request_body(GenerationRequest(prompt="hi"), "m", "llamacpp", seed=None)
+    assert plain["top_k"] == 0 and plain["min_p"] == 0.0 and plain["repeat_penalty"] == 1.0
+
+
+def test_openai_dialect_sends_only_openai_fields_and_refuses_the_rest():
+    _, body = request_body(GenerationRequest(prompt="hi"), "m", "openai", seed=None)
+    assert not {"top_k", "min_p", "repetition_penalty", "ignore_eos", "repeat_penalty"} & set(body)
+    assert refusals(FULL, "openai", eos_known=True) == ["repetition_penalty", "ignore_eos"]
+    caps = capabilities_for("openai")
+    assert not caps.top_k and not caps.min_p
+    assert refusals(FULL, "llamacpp", eos_known=False)[0].startswith("ignore_eos")
+    assert refusals(FULL, "vllm", eos_known=False) == []
+
+
+def test_chat_body_and_max_tokens_override():
+    request = GenerationRequest(messages=[{"role": "user", "content": "hi"}], params=SamplingParams(logprobs=3))
+    path, body = request_body(request, "m", "vllm", seed=None, max_tokens=5)
+    assert path == "/chat/completions" and body["messages"] == request.messages
+    assert body["logprobs"] is True and body["top_logprobs"] == 3 and body["max_tokens"] == 5
+
+
+def test_token_id_prompts_are_sent_as_ids():
+    _, body = request_body(GenerationRequest(prompt_token_ids=[1, 2, 3]), "m", "vllm", seed=None)
+    assert body["prompt"] == [1, 2, 3]
+
+
+def test_dialect_detection_from_owned_by():
+    assert detect_dialect("vllm") == "vllm" and detect_dialect("sglang") == "vllm"
+    assert detect_dialect("jupyter-llm") == "vllm"
+    assert detect_dialect("me") == "llamacpp" and detect_dialect("llamacpp") == "llamacpp"
+    assert detect_dialect("openai") == "openai" and detect_dialect("system") == "openai"
+
+
+def test_completion_chunk_with_logprobs():
+    payload = {"choices": [{"index": 0, "text": " Paris", "finish_reason": None,
+                            "logprobs": {"tokens": [" Paris"], "token_logprobs": [-0.1],
+                                         "top_logprobs": [{" London": -3.0, " Paris": -0.1, " Rome": -2.0}]}}]}
+    delta, prompt_tokens = parse_chunk(payload, chat=False, top=2)
+    assert delta.text == " Paris" and delta.token_ids is None and prompt_tokens is None
+    assert delta.logprobs == [(" Paris", -0.1, [(" Paris", -0.1), (" Rome", -2.0)])]
+
+
+def test_chat_chunk_with_logprobs_ids_and_usage():
+    payload = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "length", "token_ids": [5],
+                            "logprobs": {"content": [{"token": "Hi", "logprob": -0.5, "top_logprobs": [
+                                {"token": "Yo", "logprob": -1.5}, {"token": "Hi", "logprob": -0.5}]}]}}],
+               "usage": {"prompt_tokens": 9}}
+    delta, prompt_tokens = parse_chunk(payload, chat=True, top=1)
+    assert (delta.text, delta.token_ids, delta.finish_reason, prompt_tokens) == ("Hi", [5], "length", 9)
+    assert delta.logprobs == [("Hi", -0.5, [("Hi", -0.5)])]
+    assert parse_chunk({"choices": [], "usage": {"prompt_tokens": 4}}, chat=True, top=0) == (None, 4)
+
+
+def test_sse_lines():
+    assert sse_payload('data: {"a": 1}') == {"a": 1}
+    assert sse_payload("data: [DONE]") == "[DONE]"
+    assert sse_payload(": ping") is None and sse_payload("event: x") is None and sse_payload("") is None
+    with pytest.raises(ValueError):
+        sse_payload('data: "not an object"')
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"error": {"message": "bad top_k", "type": "invalid_request_error"}}', "bad top_k"),
+    ('{"object": "error", "message": "vllm says no", "code": 400}', "vllm says no"),
+    ('{"detail": "Invalid API key"}', "Invalid API key"),
+    ("plain text failure", "plain text failure"),
+])
+def test_error_messages_in_every_shape(body, message):
+    assert error_message(body.encode()) == message
+
+
+def test_refusals_become_clear_errors():
+    assert isinstance(refusal_error(400, "top_k must be positive", "U"), ParamError)
+    context = refusal_error(400, "This model's maximum context length is 2048 tokens", "U", 2048)
+    assert isinstance(context, ParamError) and "max_model_len 2048" in str(context)
+    assert "--max-model-len" in str(refusal_error(400, "Requested tokens exceed context window", "U"))
+    assert "--api-key" in str(refusal_error(401, "no", "U"))
+    for status in (404, 429, 500, 503):
+        assert isinstance(refusal_error(status, "x", "U"), BackendError)
+
+
+def test_urls():
+    assert normalize_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
+    assert normalize_url("http://h:1/v1/") == "http://h:1/v1"
+    assert normalize_url("https://api.example.com/openai/v1") == "https://api.example.com/openai/v1"
+    with pytest.raises(ParamError):
+        normalize_url("localhost:8000")
