@@ -35,6 +35,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from jupyter_llm.cpu import CpuInfo, cpu_info
+from jupyter_llm.errors import BuildError
 
 LLAMA_CPP_VERSION = "0.3.36"
 REBUILD_COMMAND = "jupyter-llm build-llamacpp --rebuild"
@@ -60,9 +61,6 @@ _ALL_OPTIONS = ("GGML_SSE42", "GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", 
 _SHORT = {"GGML_AVX512_VBMI": "vbmi", "GGML_AVX512_VNNI": "vnni", "GGML_AVX512_BF16": "bf16",
           "GGML_AVX_VNNI": "avxvnni"}
 
-
-class BuildError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)

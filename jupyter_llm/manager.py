@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_llm.backends import Backend, BackendError, backend_class
+from jupyter_llm.errors import NoBackendError, QueueFullError
 from jupyter_llm.schema import Completion, GenerationRequest, Message, ParamError, SamplingParams, TokenEvent
 
 Prompt = str | list[Message]
@@ -26,12 +27,6 @@ PREFERRED_BACKENDS = ("native", "hf")  # for the embedded model when nothing is 
 _JOIN_TIMEOUT_S = 60.0  # at shutdown, the longest wait for a compute thread to finish its step
 
 
-class QueueFullError(RuntimeError):
-    """The admission queue is full: too many requests in flight."""
-
-
-class NoBackendError(BackendError):
-    """No backend is loaded (or the named one is not)."""
 
 
 @dataclass

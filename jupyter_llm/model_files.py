@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from jupyter_llm.errors import ModelNotFound
+
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES: dict[str, str] = {
@@ -23,9 +25,6 @@ ALIASES: dict[str, str] = {
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
-
-class ModelNotFound(ValueError):
-    """The model name is not an alias, a local path or (with a network) a hub id."""
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-
-class ParamError(ValueError):
-    """A sampling parameter or request field is out of range; the message says what is accepted."""
+from jupyter_llm.errors import ParamError
 
 
 def _check(ok: bool, message: str) -> None:

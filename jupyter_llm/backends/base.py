@@ -18,14 +18,6 @@ from typing import Any, ClassVar
 from jupyter_llm.schema import GenerationRequest, Message, ParamError, TokenEvent
 
 
-class BackendError(RuntimeError):
-    """A backend cannot do what was asked (missing package, no GPU, bad option...)."""
-
-
-class BackendUnavailable(BackendError):
-    """The backend's package or hardware is missing; the message says how to get it."""
-
-
 def missing_packages(*modules: str) -> list[str]:
     """The modules among `modules` that are not installed (looked up without importing them)."""
     return [m for m in modules if importlib.util.find_spec(m) is None]

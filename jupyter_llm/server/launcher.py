@@ -17,12 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from jupyter_llm.errors import ServerError
 from jupyter_llm.server.settings import ServerSettings
-
-
-class ServerError(RuntimeError):
-    """The server cannot start (port in use, address not available...)."""
-
 
 _servers: dict[int, ServerHandle] = {}  # port -> the servers started in this process
 _lock = threading.Lock()

@@ -19,15 +19,13 @@ from dataclasses import dataclass
 import httpx
 
 from jupyter_llm.backends.base import BackendError
+from jupyter_llm.errors import CircuitOpenError
 
 RETRY_STATUSES = (429, 503)
 # Failures that say nothing reached the server, or the server went away.
 CONNECTION_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
                      httpx.WriteError)
 
-
-class CircuitOpenError(BackendError):
-    """The breaker is open: the server failed repeatedly and is not tried until the cool-down ends."""
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
