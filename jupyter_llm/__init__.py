@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from jupyter_llm.schema import Completion, GenerationRequest, ParamError, SamplingParams, TokenEvent, TokenLogprob
+from jupyter_llm.errors import ParamError
+from jupyter_llm.schema import Completion, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
 
 __version__ = "0.1.0"
 __all__ = [

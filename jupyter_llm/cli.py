@@ -78,9 +78,9 @@ def _backends(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from jupyter_llm.errors import ParamError, ServerError
     from jupyter_llm.manager import get_manager
-    from jupyter_llm.schema import ParamError
-    from jupyter_llm.server.launcher import ServerError, banner, serve_forever
+    from jupyter_llm.server.launcher import banner, serve_forever
     from jupyter_llm.server.settings import settings_from_args
 
     settings = settings_from_args(args)  # refuse bad options before loading a model
@@ -147,10 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jupyter_llm.backends.base import BackendError
-    from jupyter_llm.manager import QueueFullError
-    from jupyter_llm.model_files import ModelNotFound
-    from jupyter_llm.schema import ParamError
+    from jupyter_llm.errors import BackendError, ModelNotFound, ParamError, QueueFullError
 
     args = build_parser().parse_args(argv)
     try:

@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jupyter_llm.backends import Backend, BackendError, backend_class
-from jupyter_llm.errors import NoBackendError, QueueFullError
-from jupyter_llm.schema import Completion, GenerationRequest, Message, ParamError, SamplingParams, TokenEvent
+from jupyter_llm.backends import Backend, backend_class
+from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError
+from jupyter_llm.schema import Completion, GenerationRequest, Message, SamplingParams, TokenEvent
 
 Prompt = str | list[Message]
 PREFERRED_BACKENDS = ("native", "hf")  # for the embedded model when nothing is loaded

@@ -6,7 +6,8 @@ import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from jupyter_llm.backends.base import Backend, BackendError, BackendUnavailable, Capabilities
+from jupyter_llm.backends.base import Backend, Capabilities
+from jupyter_llm.errors import BackendError, BackendUnavailable
 
 __all__ = [
     "BUILTIN",

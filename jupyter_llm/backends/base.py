@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from jupyter_llm.schema import GenerationRequest, Message, ParamError, TokenEvent
+from jupyter_llm.errors import ParamError
+from jupyter_llm.schema import GenerationRequest, Message, TokenEvent
 
 
 def missing_packages(*modules: str) -> list[str]:

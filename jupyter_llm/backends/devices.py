@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jupyter_llm.backends.base import BackendError
-from jupyter_llm.schema import ParamError
+from jupyter_llm.errors import BackendError, ParamError
 
 DTYPES = ("float32", "bfloat16", "float16")  # what transformers backends accept
 

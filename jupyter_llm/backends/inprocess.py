@@ -20,9 +20,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from jupyter_llm.backends.base import Backend, check_prompt_fits
+from jupyter_llm.errors import ParamError
 from jupyter_llm.output import SampleOutputProcessor
 from jupyter_llm.sampling import SamplingState
-from jupyter_llm.schema import GenerationRequest, Message, ParamError, TokenEvent
+from jupyter_llm.schema import GenerationRequest, Message, TokenEvent
 from jupyter_llm.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import Any
 from jupyter_llm.bench.result import BenchResult
 from jupyter_llm.bench.targets import BackendTarget, HTTPTarget, Target
 from jupyter_llm.bench.workload import Workload, from_file, from_prompts, parse_length, synthetic
-from jupyter_llm.schema import ParamError
+from jupyter_llm.errors import ParamError
 
 BENCH_ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--backends",), {"help": "loaded backends, comma-separated (default: the default backend)"}),

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jupyter_llm.schema import Message, ParamError
+from jupyter_llm.errors import ParamError
+from jupyter_llm.schema import Message
 
 # Common English words that byte-level BPE tokenizers encode as one token each (with their
 # leading space), so a prompt of N words is about N tokens on every target.

@@ -13,9 +13,10 @@ from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Configurable
 
 from jupyter_llm.bench.command import bench_arguments
+from jupyter_llm.errors import ParamError
 from jupyter_llm.notebook.arguments import params_from_args, sampling_arguments
 from jupyter_llm.notebook.interpolate import interpolate, whole_variable
-from jupyter_llm.schema import ParamError, SamplingParams
+from jupyter_llm.schema import SamplingParams
 from jupyter_llm.server.settings import serve_arguments
 
 _SEPARATOR = re.compile(r"^---\s*$", re.MULTILINE)
@@ -23,9 +24,7 @@ _SEPARATOR = re.compile(r"^---\s*$", re.MULTILINE)
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: shown as one line, not a traceback."""
-    from jupyter_llm.backends.base import BackendError
-    from jupyter_llm.manager import QueueFullError
-    from jupyter_llm.model_files import ModelNotFound
+    from jupyter_llm.errors import BackendError, ModelNotFound, QueueFullError
 
     return (ParamError, BackendError, ModelNotFound, QueueFullError)
 

@@ -24,9 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from jupyter_llm.backends.base import Backend, BackendError
-from jupyter_llm.manager import CompletionBuilder, NoBackendError, QueueFullError
-from jupyter_llm.schema import Completion, GenerationRequest, ParamError, SamplingParams, TokenEvent
+from jupyter_llm.backends.base import Backend
+from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError
+from jupyter_llm.manager import CompletionBuilder
+from jupyter_llm.schema import Completion, GenerationRequest, SamplingParams, TokenEvent
 from jupyter_llm.server.metrics import RequestTracker, ServerMetrics
 from jupyter_llm.server.protocol import (
     APIError,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_llm.schema import ParamError
+from jupyter_llm.errors import ParamError
 
 DEFAULT_PORT = 8000
 

@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 NOTEBOOK = "labextension.ipynb"

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from jupyter_llm.schema import GenerationRequest, ParamError, SamplingParams
+from jupyter_llm.errors import ParamError
+from jupyter_llm.schema import GenerationRequest, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from backends_external import free_port, llamacpp_server
-from jupyter_llm.backends.base import BackendError
-from jupyter_llm.schema import ParamError, SamplingParams
+from jupyter_llm.errors import BackendError, ParamError
+from jupyter_llm.schema import SamplingParams
 
 pytestmark = pytest.mark.embedded
 GREEDY = SamplingParams(max_tokens=8, temperature=0)

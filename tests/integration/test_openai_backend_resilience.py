@@ -12,8 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jupyter_llm.backends.base import BackendError
-from jupyter_llm.backends.openai.resilience import CircuitOpenError
+from jupyter_llm.errors import BackendError, CircuitOpenError
 from jupyter_llm.schema import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=4, temperature=0)

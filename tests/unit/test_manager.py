@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from jupyter_llm.backends.base import BackendError
-from jupyter_llm.manager import EngineManager, NoBackendError, QueueFullError, build_requests
-from jupyter_llm.schema import ParamError, SamplingParams
+from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError
+from jupyter_llm.manager import EngineManager, build_requests
+from jupyter_llm.schema import SamplingParams
 
 
 def test_build_requests_prompt_chat_and_conversations():

@@ -3,7 +3,8 @@ import os
 import pytest
 
 from jupyter_llm import model_files as models
-from jupyter_llm.model_files import ModelNotFound, embedded_gguf_path, resolve_model
+from jupyter_llm.errors import ModelNotFound
+from jupyter_llm.model_files import embedded_gguf_path, resolve_model
 
 
 def test_default_is_the_embedded_gguf_found_without_importing_it(monkeypatch):

@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jupyter_llm.errors import ParamError
 from jupyter_llm.output import IncrementalDetokenizer, SampleOutputProcessor, StopMatcher
-from jupyter_llm.schema import MAX_STOP_CHARS, ParamError, SamplingParams
+from jupyter_llm.schema import MAX_STOP_CHARS, SamplingParams
 from jupyter_llm.tokenization import Tokenizer
 
 

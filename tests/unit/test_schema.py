@@ -1,6 +1,7 @@
 import pytest
 
-from jupyter_llm.schema import Completion, GenerationRequest, ParamError, SamplingParams
+from jupyter_llm.errors import ParamError
+from jupyter_llm.schema import Completion, GenerationRequest, SamplingParams
 
 
 @pytest.mark.parametrize("field,value,expected", [

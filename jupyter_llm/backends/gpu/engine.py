@@ -11,7 +11,8 @@ from typing import Any, ClassVar, TypeVar
 
 from jupyter_llm.backends.base import Backend, BackendOptions, check_prompt_fits, missing_packages
 from jupyter_llm.backends.meter import TokenMeter
-from jupyter_llm.schema import GenerationRequest, Message, ParamError, SamplingParams, TokenEvent, TokenLogprob
+from jupyter_llm.errors import ParamError
+from jupyter_llm.schema import GenerationRequest, Message, SamplingParams, TokenEvent, TokenLogprob
 from jupyter_llm.tokenization import Tokenizer
 
 T = TypeVar("T")

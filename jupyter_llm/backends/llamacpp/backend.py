@@ -16,9 +16,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_llm.backends.base import BackendError, BackendOptions, Capabilities, package_availability
+from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
 from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
 from jupyter_llm.backends.llamacpp.probe import probe
+from jupyter_llm.errors import BackendError
 from jupyter_llm.gguf_vocab import gguf_tokenizer
 from jupyter_llm.sampling import Sampler
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jupyter_llm.backends.base import BackendError, BackendOptions, Capabilities, package_availability
+from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
 from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.sampling import Sampler
-from jupyter_llm.schema import ParamError
 
 log = logging.getLogger(__name__)
 

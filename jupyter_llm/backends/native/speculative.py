@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from jupyter_llm.errors import ParamError
 from jupyter_llm.sampling import SamplingState, draw, processed_probs
-from jupyter_llm.schema import ParamError
 
 METHODS = ("ngram", "draft")
 # vLLM's speculative_config keys (and its method names) that mean something here.

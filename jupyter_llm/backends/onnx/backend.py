@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jupyter_llm.backends.base import BackendError, BackendOptions, Capabilities, package_availability
+from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
 from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
 from jupyter_llm.backends.onnx.export import PRECISIONS, PROVIDERS, export_folder, export_metadata, is_genai_folder
+from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.sampling import Sampler
-from jupyter_llm.schema import ParamError
 
 DEFAULT_PRECISION = "int4"
 # Padding is marked by the pad id, and the generator masks EVERY trailing pad id, even a real

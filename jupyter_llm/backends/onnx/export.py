@@ -19,7 +19,7 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
-from jupyter_llm.backends.base import BackendError
+from jupyter_llm.errors import BackendError
 from jupyter_llm.model_files import ModelSpec, cache_dir, ensure_hf_folder, file_hash
 
 PRECISIONS = ("fp32", "int8", "int4")

@@ -48,8 +48,9 @@ from jupyter_llm.backends.openai.wire import (
     request_body,
     sse_payload,
 )
+from jupyter_llm.errors import ParamError
 from jupyter_llm.output import StopMatcher
-from jupyter_llm.schema import GenerationRequest, Message, ParamError, TokenEvent, TokenLogprob
+from jupyter_llm.schema import GenerationRequest, Message, TokenEvent, TokenLogprob
 from jupyter_llm.tokenization import Tokenizer
 
 DEFAULT_MAX_MODEL_LEN = 131072  # when neither the server nor --max-model-len says

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from jupyter_llm.backends.base import BackendError
-from jupyter_llm.errors import CircuitOpenError
+from jupyter_llm.errors import BackendError, CircuitOpenError
 
 RETRY_STATUSES = (429, 503)
 # Failures that say nothing reached the server, or the server went away.

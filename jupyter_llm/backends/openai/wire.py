@@ -16,8 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_llm.backends.base import BackendError, Capabilities
-from jupyter_llm.schema import GenerationRequest, ParamError, SamplingParams
+from jupyter_llm.backends.base import Capabilities
+from jupyter_llm.errors import BackendError, ParamError
+from jupyter_llm.schema import GenerationRequest, SamplingParams
 
 DIALECTS = ("auto", "vllm", "llamacpp", "openai")
 # /v1/models "owned_by" of known servers -> dialect; anything else speaks vLLM's extras.

@@ -18,10 +18,10 @@ from typing import Any
 import anywidget
 from traitlets import Bool, Float, Int, List, TraitError, Unicode, observe
 
-from jupyter_llm.backends.base import BackendError
+from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.manager import build_requests, get_manager
 from jupyter_llm.notebook.widgets.generation import Generation, Message
-from jupyter_llm.schema import Completion, ParamError, SamplingParams
+from jupyter_llm.schema import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent

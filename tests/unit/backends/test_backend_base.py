@@ -7,7 +7,7 @@ import pytest
 
 from jupyter_llm.backends import backend_class
 from jupyter_llm.backends.base import check_prompt_fits, missing_packages, package_availability
-from jupyter_llm.schema import ParamError
+from jupyter_llm.errors import ParamError
 
 ABSENT = "jupyter_llm_no_such_package"
 

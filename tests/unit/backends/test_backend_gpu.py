@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 
 from jupyter_llm.backends import backend_class
-from jupyter_llm.backends.base import BackendError
 from jupyter_llm.backends.gpu import engine as gpu_engine
 from jupyter_llm.backends.gpu import trtllm, vllm
+from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.manager import EngineManager
-from jupyter_llm.schema import GenerationRequest, ParamError, SamplingParams
+from jupyter_llm.schema import GenerationRequest, SamplingParams
 
 FULL = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.2,
                       presence_penalty=0.3, frequency_penalty=0.4, seed=3, stop=("x", "y"), n=2, logprobs=2,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from jupyter_llm.backends.base import BackendError
 from jupyter_llm.backends.llamacpp.backend import LlamaCppBackend, LlamaCppOptions
+from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.output import IncrementalDetokenizer
-from jupyter_llm.schema import GenerationRequest, ParamError
+from jupyter_llm.schema import GenerationRequest
 
 pytest.importorskip("llama_cpp")
 

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from jupyter_llm.backends.base import BackendError
+from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.manager import build_requests
-from jupyter_llm.schema import GenerationRequest, ParamError, SamplingParams
+from jupyter_llm.schema import GenerationRequest, SamplingParams
 
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from jupyter_llm.backends.base import BackendError
 from jupyter_llm.backends.openai.backend import normalize_url
 from jupyter_llm.backends.openai.wire import (
     capabilities_for,
@@ -15,7 +14,8 @@ from jupyter_llm.backends.openai.wire import (
     request_body,
     sse_payload,
 )
-from jupyter_llm.schema import GenerationRequest, ParamError, SamplingParams
+from jupyter_llm.errors import BackendError, ParamError
+from jupyter_llm.schema import GenerationRequest, SamplingParams
 
 FULL = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.2,
                       presence_penalty=0.3, frequency_penalty=0.4, seed=3, stop=("x",), n=2, logprobs=2,

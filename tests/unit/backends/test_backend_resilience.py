@@ -8,7 +8,6 @@ import email.utils
 import httpx
 import pytest
 
-from jupyter_llm.backends.base import BackendError
 from jupyter_llm.backends.openai.resilience import (
     CircuitBreaker,
     CircuitOpenError,
@@ -16,6 +15,7 @@ from jupyter_llm.backends.openai.resilience import (
     retry_after_seconds,
     send_with_retries,
 )
+from jupyter_llm.errors import BackendError
 
 FAST = RetryPolicy(max_retries=3, backoff=0.001, max_backoff=0.002, max_wait=1.0)
 

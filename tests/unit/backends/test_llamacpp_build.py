@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from jupyter_llm.cpu import CpuInfo, cpu_info, parse_cpuinfo
-from jupyter_llm.llamacpp_build import BuildError, choose_build, levels_for, wheel_folder
+from jupyter_llm.errors import BuildError
+from jupyter_llm.llamacpp_build import choose_build, levels_for, wheel_folder
 
 EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD

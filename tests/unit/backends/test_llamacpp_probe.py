@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from jupyter_llm.backends.base import BackendError
 from jupyter_llm.backends.llamacpp import probe as llamacpp_probe
 from jupyter_llm.backends.llamacpp.backend import LlamaCppBackend
+from jupyter_llm.errors import BackendError
 from jupyter_llm.manager import EngineManager
 
 pytest.importorskip("llama_cpp")

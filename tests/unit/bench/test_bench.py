@@ -19,7 +19,7 @@ from jupyter_llm.bench import (
     synthetic,
 )
 from jupyter_llm.bench.metrics import compute_metrics, percentile
-from jupyter_llm.schema import ParamError
+from jupyter_llm.errors import ParamError
 from manager_helpers import load_keeping_default
 
 

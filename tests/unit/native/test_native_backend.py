@@ -10,10 +10,11 @@ import types
 import pytest
 import torch
 
-from jupyter_llm.backends.base import BackendError, options_from_args
+from jupyter_llm.backends.base import options_from_args
 from jupyter_llm.backends.native.backend import NativeBackend, NativeOptions, parse_memory
 from jupyter_llm.backends.native.loader import load_model
-from jupyter_llm.schema import ParamError, SamplingParams
+from jupyter_llm.errors import BackendError, ParamError
+from jupyter_llm.schema import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 TINY_PROMPTS = ["Hello world", "The capital of France is", "def add(a, b):", "Once upon a time there was",

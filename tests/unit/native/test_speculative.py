@@ -23,8 +23,9 @@ from jupyter_llm.backends.native.speculative import (
     ngram_propose,
     verify,
 )
+from jupyter_llm.errors import ParamError
 from jupyter_llm.sampling import SamplingState, processed_probs
-from jupyter_llm.schema import GenerationRequest, ParamError, SamplingParams
+from jupyter_llm.schema import GenerationRequest, SamplingParams
 from manager_helpers import load_keeping_default
 from tiny_models import tiny_llama_folder
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from jupyter_llm import ParamError, SamplingParams
+from jupyter_llm import SamplingParams
+from jupyter_llm.errors import ParamError
 
 pytest.importorskip("anywidget")
 from jupyter_llm.notebook.widgets import Playground

@@ -8,8 +8,9 @@ import httpx
 import pytest
 from IPython.core.error import UsageError
 
+from jupyter_llm.errors import ServerError
 from jupyter_llm.server import launcher as runner
-from jupyter_llm.server.launcher import ServerError, start_server
+from jupyter_llm.server.launcher import start_server
 from jupyter_llm.server.settings import ServerSettings
 from server_helpers import running_server
 

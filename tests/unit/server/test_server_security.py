@@ -5,7 +5,7 @@ import argparse
 import httpx
 import pytest
 
-from jupyter_llm.schema import ParamError
+from jupyter_llm.errors import ParamError
 from jupyter_llm.server import security
 from jupyter_llm.server.security import KeyChecker, RateLimiter, TokenBucket
 from jupyter_llm.server.settings import ServerSettings, add_serve_arguments, parse_rate, settings_from_args
