@@ -25,14 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from jupyter_llm.backends.base import (
-    Backend,
-    BackendError,
-    BackendOptions,
-    Capabilities,
-    check_prompt_fits,
-    package_availability,
-)
+from jupyter_llm.backends.base import Backend, BackendOptions, Capabilities, check_prompt_fits, package_availability
 from jupyter_llm.backends.meter import TokenMeter
 from jupyter_llm.backends.openai.resilience import CONNECTION_ERRORS, CircuitBreaker, RetryPolicy, send_with_retries
 from jupyter_llm.backends.openai.wire import (
@@ -48,7 +41,7 @@ from jupyter_llm.backends.openai.wire import (
     request_body,
     sse_payload,
 )
-from jupyter_llm.errors import ParamError
+from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.output import StopMatcher
 from jupyter_llm.schema import GenerationRequest, Message, TokenEvent, TokenLogprob
 from jupyter_llm.tokenization import Tokenizer

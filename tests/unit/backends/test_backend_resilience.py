@@ -8,14 +8,8 @@ import email.utils
 import httpx
 import pytest
 
-from jupyter_llm.backends.openai.resilience import (
-    CircuitBreaker,
-    CircuitOpenError,
-    RetryPolicy,
-    retry_after_seconds,
-    send_with_retries,
-)
-from jupyter_llm.errors import BackendError
+from jupyter_llm.backends.openai.resilience import CircuitBreaker, RetryPolicy, retry_after_seconds, send_with_retries
+from jupyter_llm.errors import BackendError, CircuitOpenError
 
 FAST = RetryPolicy(max_retries=3, backoff=0.001, max_backoff=0.002, max_wait=1.0)
 
