@@ -15,7 +15,7 @@ from typing import Any
 
 from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
 from jupyter_llm.backends.devices import resolve_device, torch_dtype
-from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+from jupyter_llm.backends.inprocess import EngineSequence, InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.sampling import Sampler
 from jupyter_llm.tokenization import load_tokenizer
 
@@ -35,8 +35,8 @@ class HFStepEngine(StepEngine):
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.sampler = Sampler()
-        self.waiting: deque[Sequence] = deque()
-        self.rows: list[Sequence] = []  # the running batch, one sequence per cache row
+        self.waiting: deque[EngineSequence] = deque()
+        self.rows: list[EngineSequence] = []  # the running batch, one sequence per cache row
         self.removed: set[int] = set()
         self.cache: Any = None
         self.attention_mask: Any = None
@@ -45,10 +45,10 @@ class HFStepEngine(StepEngine):
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: EngineSequence) -> None:
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: EngineSequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
         elif any(row is seq for row in self.rows):
@@ -63,7 +63,7 @@ class HFStepEngine(StepEngine):
     def stats(self) -> dict[str, Any]:
         return {"batch_size": len(self.rows)}
 
-    def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
+    def step(self) -> list[tuple[EngineSequence, int, LogprobEntry | None]]:
         import torch
 
         with torch.inference_mode():

@@ -32,7 +32,7 @@ _seq_ids = itertools.count()
 LogprobEntry = tuple[float, list[int], list[float]]
 
 
-class Sequence:
+class EngineSequence:
     """One sample of one request inside an in-process engine."""
 
     def __init__(self, request: GenerationRequest, index: int, prompt_ids: list[int],
@@ -64,18 +64,18 @@ class StepEngine(ABC):
     """The compute side of an in-process backend. Every method runs in the compute thread."""
 
     @abstractmethod
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: EngineSequence) -> None:
         """Queue a new sequence."""
 
     @abstractmethod
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: EngineSequence) -> None:
         """Forget a sequence (finished, cancelled or failed) and free what it holds."""
 
     @abstractmethod
     def has_work(self) -> bool: ...
 
     @abstractmethod
-    def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
+    def step(self) -> list[tuple[EngineSequence, int, LogprobEntry | None]]:
         """Run one forward over the scheduled sequences; the sampled tokens in order: one per
         sequence that produced one (none for a sequence still in a chunked prefill, several
         for one whose speculative guesses were accepted)."""
@@ -166,7 +166,7 @@ class InProcessBackend(Backend):
             except RuntimeError:  # the consumer's loop is gone
                 pass
 
-        seqs = [Sequence(request, i, prompt_ids,
+        seqs = [EngineSequence(request, i, prompt_ids,
                          SampleOutputProcessor(self.tokenizer, request.id, i, request.params, prompt_ids,
                                                self.max_model_len), sink)
                 for i in range(request.params.n)]
@@ -205,7 +205,7 @@ class InProcessBackend(Backend):
 
     # --- compute thread ---------------------------------------------------------------
     def _run(self) -> None:
-        live: dict[int, Sequence] = {}
+        live: dict[int, EngineSequence] = {}
         while True:
             with self._wake:
                 while (not self._inbox or self._held) and not self.engine.has_work() and not self._stopping:
@@ -222,7 +222,7 @@ class InProcessBackend(Backend):
         for seq in list(live.values()):
             self._end(seq, live, seq.processor.abort("cancelled"))
 
-    def _handle(self, kind: str, payload: Any, live: dict[int, Sequence]) -> None:
+    def _handle(self, kind: str, payload: Any, live: dict[int, EngineSequence]) -> None:
         if kind == "add":
             for seq in payload:
                 live[seq.seq_id] = seq
@@ -233,14 +233,14 @@ class InProcessBackend(Backend):
             if seq.seq_id in live:
                 self._end(seq, live, seq.processor.abort("cancelled"))
 
-    def _end(self, seq: Sequence, live: dict[int, Sequence], event: TokenEvent) -> None:
+    def _end(self, seq: EngineSequence, live: dict[int, EngineSequence], event: TokenEvent) -> None:
         live.pop(seq.seq_id, None)
         try:
             self.engine.remove(seq)
         finally:
             seq.sink(event)
 
-    def _step(self, live: dict[int, Sequence]) -> None:
+    def _step(self, live: dict[int, EngineSequence]) -> None:
         import torch
 
         # torch's intra-op thread count is process-wide: each engine sets its own before each

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
-from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+from jupyter_llm.backends.inprocess import EngineSequence, InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.backends.llamacpp.probe import probe
 from jupyter_llm.errors import BackendError
 from jupyter_llm.gguf_vocab import gguf_tokenizer
@@ -41,14 +41,14 @@ class LlamaCppStepEngine(StepEngine):
         self.llama = llama
         self.n_batch = n_batch
         self.sampler = Sampler()
-        self.waiting: deque[Sequence] = deque()
-        self.current: Sequence | None = None
+        self.waiting: deque[EngineSequence] = deque()
+        self.current: EngineSequence | None = None
         self.evaluated = 0  # prompt tokens of `current` already in the KV cache
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: EngineSequence) -> None:
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: EngineSequence) -> None:
         if seq is self.current:
             self.current = None
         elif seq in self.waiting:
@@ -63,7 +63,7 @@ class LlamaCppStepEngine(StepEngine):
     def stats(self) -> dict[str, Any]:
         return {"batching": "none (one sequence at a time)"}
 
-    def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
+    def step(self) -> list[tuple[EngineSequence, int, LogprobEntry | None]]:
         if self.current is None:
             self.current = self.waiting.popleft()
             self.evaluated = 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
-from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+from jupyter_llm.backends.inprocess import EngineSequence, InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.sampling import Sampler
 
@@ -84,10 +84,10 @@ class NativeStepEngine(StepEngine):
         self.speculator = speculator
         self.steps = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: EngineSequence) -> None:
         self.scheduler.add(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: EngineSequence) -> None:
         self.scheduler.remove(seq)
         if self.speculator is not None:
             self.speculator.remove(seq.seq_id)
@@ -113,7 +113,7 @@ class NativeStepEngine(StepEngine):
             stats.update(self.speculator.stats.as_dict())
         return stats
 
-    def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
+    def step(self) -> list[tuple[EngineSequence, int, LogprobEntry | None]]:
         from jupyter_llm.backends.native.model_runner import StepItem
 
         started = time.perf_counter()  # the speed-up estimate counts the proposer's time too
@@ -176,7 +176,7 @@ class NativeStepEngine(StepEngine):
 
         emitted: dict[int, tuple[list[int], list]] = {}
         plain_rows: list[int] = []
-        plain: list[Sequence] = []
+        plain: list[EngineSequence] = []
         row = 0
         for chunk in chunks:
             width = 1 + len(chunk.guesses) if chunk.samples and chunk.guesses else 1
@@ -203,7 +203,7 @@ class NativeStepEngine(StepEngine):
                 emitted[seq.seq_id] = ([token], [logprob])
         return {c.seq.seq_id: emitted[c.seq.seq_id] for c in chunks if c.samples}
 
-    def _sample(self, logits: Any, seqs: list[Sequence]) -> tuple[list[int], list[LogprobEntry | None]]:
+    def _sample(self, logits: Any, seqs: list[EngineSequence]) -> tuple[list[int], list[LogprobEntry | None]]:
         """The shared sampler over blocks of SAMPLER_ROWS rows: every row is sampled on its own
         (its own parameters and generator), and a [8, vocab] block stays in the CPU cache across
         the sampler's passes, which makes a greedy batch of 32 about 2.5x cheaper than one call."""

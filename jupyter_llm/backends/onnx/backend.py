@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
-from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, Sequence, StepEngine
+from jupyter_llm.backends.inprocess import EngineSequence, InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.backends.onnx.export import PRECISIONS, PROVIDERS, export_folder, export_metadata, is_genai_folder
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.sampling import Sampler
@@ -59,17 +59,17 @@ class ONNXStepEngine(StepEngine):
         self.max_model_len = max_model_len
         self.end_ids = list(end_ids)  # the generator stops a row that gets one of these
         self.sampler = Sampler()
-        self.waiting: deque[Sequence] = deque()
-        self.rows: list[Sequence] = []  # the running batch, one sequence per generator row
+        self.waiting: deque[EngineSequence] = deque()
+        self.rows: list[EngineSequence] = []  # the running batch, one sequence per generator row
         self.removed: set[int] = set()
         self.generator: Any = None
         self.chosen: Any = None  # the tokens sampled last step, one per row, fed at the next step
         self.one_hot: Any = None  # [rows, vocab] buffer that hands the chosen tokens to the generator
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: EngineSequence) -> None:
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: EngineSequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
         elif any(row is seq for row in self.rows):
@@ -86,7 +86,7 @@ class ONNXStepEngine(StepEngine):
     def stats(self) -> dict[str, Any]:
         return {"batch_rows": len(self.rows)}
 
-    def step(self) -> list[tuple[Sequence, int, LogprobEntry | None]]:
+    def step(self) -> list[tuple[EngineSequence, int, LogprobEntry | None]]:
         import numpy as np
         import torch
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jupyter_llm.backends.inprocess import Sequence
+from jupyter_llm.backends.inprocess import EngineSequence
 from jupyter_llm.backends.native.backend import build_engine
 from jupyter_llm.backends.native.loader import load_model
 from jupyter_llm.schema import GenerationRequest, SamplingParams
@@ -32,9 +32,9 @@ def tiny_model(tmp_path_factory):
     return load_model(folder, dtype=torch.float64)
 
 
-def new_seq(prompt_idx: int, params_idx: int) -> Sequence:
+def new_seq(prompt_idx: int, params_idx: int) -> EngineSequence:
     request = GenerationRequest(prompt_token_ids=PROMPTS[prompt_idx], params=PARAMS[params_idx])
-    seq = Sequence(request, 0, list(PROMPTS[prompt_idx]), processor=None, sink=None)
+    seq = EngineSequence(request, 0, list(PROMPTS[prompt_idx]), processor=None, sink=None)
     seq.key = (prompt_idx, params_idx)
     return seq
 
@@ -45,11 +45,11 @@ def engine_for(tiny_model, **kw):
     return build_engine(model, config, **{**defaults, **kw})
 
 
-def finished(seq: Sequence) -> bool:
+def finished(seq: EngineSequence) -> bool:
     return len(seq.output_ids) >= seq.params.max_tokens or len(seq.token_ids) >= MAX_LEN
 
 
-def drive(engine, seqs: list[Sequence], max_steps: int = 500) -> None:
+def drive(engine, seqs: list[EngineSequence], max_steps: int = 500) -> None:
     """Step until every live sequence is finished (removing them as they finish)."""
     for _ in range(max_steps):
         if not engine.has_work():
@@ -146,9 +146,9 @@ OPS = st.lists(
 def test_random_interleavings_keep_outputs_and_blocks(tiny_model, ops, num_blocks, budget, prefix):
     engine = engine_for(tiny_model, num_blocks=num_blocks, max_num_batched_tokens=budget,
                         enable_prefix_caching=prefix, max_num_seqs=6)
-    live: list[Sequence] = []
-    done: list[Sequence] = []
-    cancelled: list[Sequence] = []
+    live: list[EngineSequence] = []
+    done: list[EngineSequence] = []
+    cancelled: list[EngineSequence] = []
 
     def step():
         for seq, _, _ in engine.step():

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jupyter_llm.backends.inprocess import Sequence
+from jupyter_llm.backends.inprocess import EngineSequence
 from jupyter_llm.backends.native.backend import build_engine
 from jupyter_llm.backends.native.loader import load_model
 from jupyter_llm.backends.native.speculative import (
@@ -232,16 +232,16 @@ def engine(tiny_target, tiny_draft=None, spec: SpeculativeConfig | None = None, 
     return build_engine(model, config, speculative=spec, draft=draft, **{**defaults, **kw})
 
 
-def new_seq(prompt: list[int], params: SamplingParams, index: int = 0) -> Sequence:
+def new_seq(prompt: list[int], params: SamplingParams, index: int = 0) -> EngineSequence:
     request = GenerationRequest(prompt_token_ids=prompt, params=params)
-    return Sequence(request, index, list(prompt), processor=None, sink=None)
+    return EngineSequence(request, index, list(prompt), processor=None, sink=None)
 
 
-def done(seq: Sequence) -> bool:
+def done(seq: EngineSequence) -> bool:
     return len(seq.output_ids) >= seq.params.max_tokens or len(seq.token_ids) >= MAX_LEN
 
 
-def run(eng, seqs: list[Sequence], max_steps: int = 2000) -> None:
+def run(eng, seqs: list[EngineSequence], max_steps: int = 2000) -> None:
     """Step until every sequence finished; tokens past a sequence's end are dropped, as the
     compute thread does."""
     for seq in seqs:
@@ -349,8 +349,8 @@ def test_random_interleavings_with_speculation_never_leak_blocks(tiny_target, ti
     spec = SpeculativeConfig(method=method, num_speculative_tokens=k, draft_model="tiny" if method == "draft" else None)
     eng = engine(tiny_target, tiny_draft, spec, draft_blocks=draft_blocks, num_blocks=num_blocks,
                  max_num_batched_tokens=budget, enable_prefix_caching=prefix, max_num_seqs=6)
-    live: list[Sequence] = []
-    finished: list[Sequence] = []
+    live: list[EngineSequence] = []
+    finished: list[EngineSequence] = []
 
     def step():
         for seq, _, _ in eng.step():
