@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     for kind in args.backends.split(","):
         try:
             rows.append(check(manager, kind, args.model, args.max_tokens, options.get(kind, {})))
-        except Exception as error:  # report and go on with the next backend
+        except Exception as error:  # noqa: BLE001 (report any failure and go on with the next backend)
             rows.append({"backend": kind, "result": f"FAILED: {type(error).__name__}: {error}"})
         print(" · ".join(f"{k}: {v}" for k, v in rows[-1].items()), flush=True)
     return 1 if any(r["result"].startswith("FAILED") for r in rows) else 0

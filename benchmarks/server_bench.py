@@ -63,7 +63,7 @@ class WholeHTTPTarget:
             response.raise_for_status()
             used = response.json()["usage"]
             record.prompt_tokens, record.output_tokens = used["prompt_tokens"], used["completion_tokens"]
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 (a failed request is a result: recorded, not raised)
             record.error = f"{type(error).__name__}: {error}"
         record.end = time.monotonic() - started
         return record

@@ -127,7 +127,7 @@ def installed_build() -> dict | None:
 
 def _pip(*args: str, env: dict | None = None, quiet: bool = False) -> None:
     command = [sys.executable, "-m", "pip", "--disable-pip-version-check", *(["-q"] if quiet else []), *args]
-    if subprocess.run(command, env=env).returncode != 0:
+    if subprocess.run(command, env=env, check=False).returncode != 0:
         raise BuildError(f"failed: {' '.join(command)}")
 
 

@@ -86,9 +86,9 @@ class Lab:
         """Deletes every session and kernel of the server; returns the kernels that were running."""
         kernels = self.kernels()
         for session in self.api("GET", "sessions"):
-            _ignore_gone(lambda: self.api("DELETE", f"sessions/{session['id']}"))
+            _ignore_gone(lambda session=session: self.api("DELETE", f"sessions/{session['id']}"))
         for kernel in self.kernels():
-            _ignore_gone(lambda: self.api("DELETE", f"kernels/{kernel['id']}"))
+            _ignore_gone(lambda kernel=kernel: self.api("DELETE", f"kernels/{kernel['id']}"))
         deadline = time.monotonic() + timeout
         while (left := self.kernels()) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -95,7 +95,7 @@ def test_labextension_in_jupyterlab(jupyter_lab, notebook, page, screenshots, tm
     from playwright.sync_api import expect
 
     listed = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, check=False)
     if "jupyter-llm" not in listed.stdout + listed.stderr:
         pytest.skip("the labextension is not installed (bash scripts/setup.sh builds and links it)")
     assert re.search(r"jupyter-llm v[\d.]+ .*enabled", listed.stdout + listed.stderr)

@@ -39,7 +39,7 @@ def llamacpp_server(model_path: str, n_ctx: int = 2048, extra: tuple[str, ...] =
     command = [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(n_ctx), "--logits_all", "True",
                "--interrupt_requests", "False", "--n_threads", str(min(2, os.cpu_count() or 1)), *extra]
-    log = tempfile.TemporaryFile()  # not a pipe: its verbose log would fill a pipe and block it
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (open for the server's life) not a pipe: its verbose log would fill a pipe and block it
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

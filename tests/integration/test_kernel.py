@@ -21,7 +21,7 @@ def test_tokens_stream_into_the_cell_through_display_updates(kernel):
     result = kernel.run("%%generate --max-tokens 400 --ignore-eos --temperature 1 --seed 0\nHello")
     updates = [m for m in result.outputs if m["msg_type"] == "update_display_data"]
     assert len(updates) >= 2, "the answer should arrive in several display updates"
-    first = [m for m in result.outputs if m["msg_type"] == "display_data"][0]
+    first = next(m for m in result.outputs if m["msg_type"] == "display_data")
     meta = first["content"]["metadata"]["application/vnd.jupyter-llm+json"]
     assert meta["backend"] == "hf" and meta["params"]["max_tokens"] == 400
     assert "400 tokens" in result.text and not result.errors

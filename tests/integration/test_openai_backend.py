@@ -70,7 +70,7 @@ def test_chat_stop_and_logprobs(manager, target, request):
     [cut] = manager.generate("The capital of France is", GREEDY.replace(max_tokens=16, stop=(".",)), backend=name)
     assert cut.text == " Paris" and cut.stop_reason == "."
     [scored] = manager.generate("The capital of France is", GREEDY.replace(max_tokens=2, logprobs=3), backend=name)
-    assert scored.logprobs[0].token == " Paris" and [t[1] for t in scored.logprobs[0].top][0] == " Paris"
+    assert scored.logprobs[0].token == " Paris" and next(t[1] for t in scored.logprobs[0].top) == " Paris"
 
 
 def test_async_callers_get_the_same_answers(manager, remote):
