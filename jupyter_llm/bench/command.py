@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from jupyter_llm.argtable import ArgTable
 from jupyter_llm.bench.result import BenchResult
 from jupyter_llm.bench.targets import BackendTarget, HTTPTarget, Target
 from jupyter_llm.bench.workload import Workload, from_file, from_prompts, parse_length, synthetic
 from jupyter_llm.errors import ParamError
 
-BENCH_ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+BENCH = ArgTable([
     (("--backends",), {"help": "loaded backends, comma-separated (default: the default backend)"}),
     (("--url",), {"action": "append", "metavar": "[LABEL=]URL",
                   "help": "OpenAI-compatible base URL, optionally labelled (repeatable)"}),
@@ -31,21 +32,7 @@ BENCH_ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--compare",), {"metavar": "FILE", "help": "overlay an earlier saved run (JSON)"}),
     (("--save",), {"metavar": "FILE", "help": "save the result as JSON (and FILE.png with the charts)"}),
     (("--no-plot",), {"action": "store_true", "help": "table only"}),
-]
-
-
-def bench_arguments(func: Callable) -> Callable:
-    """Decorator adding BENCH_ARGUMENTS to an IPython magic (inside @magic_arguments())."""
-    from IPython.core.magic_arguments import argument
-
-    for flags, kwargs in reversed(BENCH_ARGUMENTS):
-        func = argument(*flags, **kwargs)(func)
-    return func
-
-
-def add_bench_arguments(parser: Any) -> None:
-    for flags, kwargs in BENCH_ARGUMENTS:
-        parser.add_argument(*flags, **kwargs)
+])
 
 
 def _concurrency(text: str) -> list[int]:

@@ -57,7 +57,7 @@ class BenchResult:
 
     def table(self) -> dict[str, str]:
         from jupyter_llm.bench.machine import machine_line
-        from jupyter_llm.notebook.display import table_bundle
+        from jupyter_llm.views import table_bundle
 
         rows = [{c: _format(c, row.get(c)) for c in TABLE_COLUMNS} for row in self.rows]
         return table_bundle(rows, TABLE_COLUMNS, title=f"Benchmark ({self.config.get('repeat', 1)} repeat(s), medians) "

@@ -13,7 +13,14 @@ from jupyter_llm.schema import Message
 
 # Common English words that byte-level BPE tokenizers encode as one token each (with their
 # leading space), so a prompt of N words is about N tokens on every target.
-_WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "they", "this", "which", "had", "are", "were", "but", "not", "have", "one", "all", "been", "their", "has", "more", "when", "will", "would", "who", "there", "can", "its", "time", "only", "new", "some", "could", "these", "two", "may", "first", "then", "do", "any", "like", "my", "now", "over", "such", "our", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three"]
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her they this which had are were but not have one "
+    "all been their has more when will would who there can its time only new some could these two may first then do "
+    "any like my now over such our man me even most made after also did many before must through back years where "
+    "much your way well down should because each just those people how too little state good very make world still "
+    "own see men work long get here between both life being under never day same another know while last might us "
+    "great old year off come since against go came right used take three"
+).split()
 
 LengthSpec = int | tuple[int, int]
 

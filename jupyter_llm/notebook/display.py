@@ -5,7 +5,6 @@ outputs carry provenance metadata (backend, model, sampling parameters).
 """
 from __future__ import annotations
 
-import html
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -13,49 +12,6 @@ from typing import Any
 from jupyter_llm.schema import Completion, TokenEvent
 
 MIME_META = "application/vnd.jupyter-llm+json"
-
-
-def table_bundle(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-                 title: str | None = None) -> dict[str, str]:
-    """A table as an HTML + plain-text mimebundle."""
-    columns = list(columns or (rows[0].keys() if rows else []))
-    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ([title] if title else []) + [
-        "  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-        "  ".join("-" * w for w in widths),
-    ] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in cells)
-    caption = f"<caption>{html.escape(title)}</caption>" if title else ""
-    return {"text/plain": "\n".join(lines),
-            "text/html": f"<table class='jupyter-llm-table'>{caption}<thead><tr>{head}</tr></thead>"
-                         f"<tbody>{body}</tbody></table>"}
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else ""
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return "" if value is None else str(value)
-
-
-def summary_line(completions: Sequence[Completion]) -> str:
-    """One line: tokens, TTFT, tokens/s (and how the samples finished)."""
-    tokens = sum(c.completion_tokens for c in completions)
-    ttfts = [c.timings.ttft for c in completions if c.timings.ttft is not None]
-    total = max((c.timings.total for c in completions), default=0.0)
-    reasons = sorted({c.finish_reason for c in completions})
-    parts = [f"{tokens} tokens"]
-    if ttfts:
-        parts.append(f"TTFT {min(ttfts) * 1000:.0f} ms")
-    if total > 0 and tokens:
-        parts.append(f"{tokens / total:.1f} tok/s")
-    parts.append("finish: " + ", ".join(reasons))
-    if len(completions) > 1:
-        parts.insert(0, f"{len(completions)} outputs")
-    return " · ".join(parts)
 
 
 class StreamView:

@@ -29,6 +29,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from jupyter_llm.views import backend_rows
+
 TARGET = "jupyter_llm"
 INTERVAL = 0.5  # seconds between status polls: at most 2 updates/s
 
@@ -72,17 +74,6 @@ def status(manager: Any = None, server_url: Callable[[], str | None] = _server_u
     if default is not None:
         snapshot.update(default=default.name, backend=default.backend, model=default.model)
     return snapshot
-
-
-def table_rows(manager: Any = None) -> list[dict[str, Any]]:
-    """The rows of the `%llm_backend` table (same columns), JSON-able."""
-    manager = _existing_manager() if manager is None else manager
-    if manager is None:
-        return []
-    return [{"name": b.name, "backend": b.backend, "model": b.model, "device": b.device, "dtype": b.dtype,
-             "default": bool(b.default), "state": b.state, "running": b.running, "waiting": b.waiting,
-             "tokens/s": b.tokens_per_s, "batching": b.batching,
-             "details": ", ".join(f"{k}={v}" for k, v in b.extra.items())} for b in manager.backends()]
 
 
 class LabBridge:
@@ -154,7 +145,8 @@ class LabBridge:
             self._wake.set()
         elif action == "table":
             try:
-                rows = table_rows(self.get_manager())
+                manager = self.get_manager()
+                rows = backend_rows(manager) if manager is not None else []
                 self._send(comm, {"type": "table", "rows": rows, "id": data.get("id")})
             except Exception as error:
                 self._send(comm, {"type": "error", "error": str(error), "id": data.get("id")})
@@ -199,10 +191,6 @@ class LabBridge:
                     self._send(comm, current)
             self._wake.wait(self.interval)
             self._wake.clear()
-
-    def push_now(self) -> None:
-        """Ask the push thread for an update at once (e.g. after a magic changed the state)."""
-        self._wake.set()
 
 
 _bridge: LabBridge | None = None

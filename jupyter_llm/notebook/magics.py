@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -12,31 +14,35 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Configurable
 
-from jupyter_llm.bench.command import bench_arguments
-from jupyter_llm.errors import ParamError
-from jupyter_llm.notebook.arguments import params_from_args, sampling_arguments
+from jupyter_llm.argtable import BACKEND_OPTIONS, SAMPLING, backend_options, params_from_args, split_backend_words
+from jupyter_llm.bench.command import BENCH
+from jupyter_llm.errors import ParamError, UserError
 from jupyter_llm.notebook.interpolate import interpolate, whole_variable
 from jupyter_llm.schema import SamplingParams
-from jupyter_llm.server.settings import serve_arguments
+from jupyter_llm.server.settings import SERVE
 
 _SEPARATOR = re.compile(r"^---\s*$", re.MULTILINE)
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: shown as one line, not a traceback."""
-    from jupyter_llm.errors import BackendError, ModelNotFound, QueueFullError
-
-    return (ParamError, BackendError, ModelNotFound, QueueFullError)
-
-
-def _parse(magic: Any, line: str, partial: bool = False) -> Any:
-    """Parse a magic line with shell quoting (IPython's own splitter keeps the quotes)."""
+def _words(line: str) -> list[str]:
+    """A magic line split with shell quoting (IPython's own splitter keeps the quotes)."""
     try:
-        words = shlex.split(line)
+        return shlex.split(line)
     except ValueError as error:
         raise UsageError(f"cannot parse the magic line: {error}") from None
-    parser = magic.parser
-    return parser.parse_known_args(words) if partial else parser.parse_args(words)
+
+
+def _parse(magic: Any, line: str) -> Any:
+    return magic.parser.parse_args(_words(line))
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """The user's errors as UsageError: IPython prints one line, no traceback."""
+    try:
+        yield
+    except UserError as error:
+        raise UsageError(str(error)) from None
 
 
 @magics_class
@@ -69,21 +75,20 @@ class LLMMagics(Magics, Configurable):
     @argument("--use", metavar="NAME", help="make a loaded backend the default")
     @argument("--stop", nargs="?", const="", metavar="NAME", help="unload NAME (default: the default backend)")
     @argument("--list", action="store_true", help="list backend kinds and whether each can load here")
+    @BACKEND_OPTIONS.decorate
     @line_magic
     def llm_backend(self, line: str) -> None:
         """Load, list, switch and stop backends. Other --options go to the backend
-        (--device, --dtype, --threads, --max-num-seqs, ...)."""
+        (--device, --dtype, --threads, --max-num-seqs, ...; --backend-option KEY=VALUE also works)."""
         from IPython.display import display
 
-        from jupyter_llm.backends.base import options_from_args
-        from jupyter_llm.notebook.display import table_bundle
+        from jupyter_llm.views import kind_rows, table_bundle
 
-        args, extra = _parse(self.llm_backend, line, partial=True)
-        with self._errors_as_usage():
+        words, backend_words = split_backend_words(_words(line), self.llm_backend.parser)
+        args, extra = self.llm_backend.parser.parse_known_args(words)
+        with _user_errors():
             if args.list:
-                rows = [{"backend": b.kind, "loadable": "yes" if b.available else "no",
-                         "why not": b.reason, "description": b.description} for b in self._available()]
-                display(table_bundle(rows, title="Backends"), raw=True)
+                display(table_bundle(kind_rows(self._available()), title="Backends"), raw=True)
             elif args.use:
                 self.manager.use(args.use)
                 print(f"default backend: {args.use}")
@@ -93,14 +98,15 @@ class LLMMagics(Magics, Configurable):
                 self.manager.unload(resolved)
                 print(f"stopped {resolved}")
             elif args.backend:
-                options = options_from_args(extra)
+                options = backend_options(backend_words + extra, args.backend_option)
                 model = options.pop("model", None) or args.model  # --model M reads as the positional MODEL
                 info = self.manager.load(args.backend, model, name=args.name, **options)
                 print(f"loaded {info.model} on {info.backend} as {info.name!r} ({info.device}, {info.dtype}); "
                       f"it is the default backend")
             else:
-                if extra:
-                    raise ParamError(f"unexpected arguments {extra}; name a backend to pass options to it")
+                if extra or backend_words or args.backend_option:
+                    unexpected = backend_words + extra + [f"--backend-option {o}" for o in args.backend_option or ()]
+                    raise ParamError(f"unexpected arguments {unexpected}; name a backend to pass options to it")
                 display(self.status_table(), raw=True)
 
     def _available(self):
@@ -109,12 +115,9 @@ class LLMMagics(Magics, Configurable):
         return available_backends()
 
     def status_table(self) -> dict[str, str]:
-        from jupyter_llm.notebook.display import table_bundle
+        from jupyter_llm.views import backend_rows, table_bundle
 
-        rows = [{"name": b.name, "backend": b.backend, "model": b.model, "device": b.device, "dtype": b.dtype,
-                 "default": b.default, "state": b.state, "running": b.running, "waiting": b.waiting,
-                 "tokens/s": b.tokens_per_s, "batching": b.batching,
-                 "details": ", ".join(f"{k}={v}" for k, v in b.extra.items())} for b in self.manager.backends()]
+        rows = backend_rows(self.manager)
         if not rows:
             return {"text/plain": "No backend loaded. Load one with %llm_backend hf (or native)."}
         return table_bundle(rows, title="Loaded backends")
@@ -122,7 +125,7 @@ class LLMMagics(Magics, Configurable):
     # --- %%generate -------------------------------------------------------------------
     @magic_arguments()
     @argument("--backend", help="loaded backend name (default: the default backend)")
-    @sampling_arguments
+    @SAMPLING.decorate
     @argument("--chat", action="store_true", default=None, help="send as chat messages (chat template)")
     @argument("--system", help="system prompt (implies --chat)")
     @argument("-o", "--output", metavar="VAR", help="store the list of Completions in VAR")
@@ -133,7 +136,7 @@ class LLMMagics(Magics, Configurable):
         """Generate from the cell body. Prompts separated by a line `---` run as one batch;
         {name} interpolates variables ({{ escapes); --chat with {history} sends a conversation."""
         args = _parse(self.generate, line)
-        with self._errors_as_usage():
+        with _user_errors():
             params = params_from_args(args, self.max_tokens, self.temperature)
             chat = bool(args.chat if args.chat is not None else self.chat) or bool(args.system)
             prompts = self._prompts(cell, chat, interpolate_vars=not args.no_interpolate)
@@ -165,7 +168,8 @@ class LLMMagics(Magics, Configurable):
 
     def _run_generate(self, prompts: list[Any], params: SamplingParams, backend: str | None, chat: bool,
                       system: str | None, stream: bool, output: str | None) -> None:
-        from jupyter_llm.notebook.display import StreamView, show_completions, summary_line
+        from jupyter_llm.notebook.display import StreamView, show_completions
+        from jupyter_llm.views import summary_line
 
         target = self.manager.get(backend)
         metadata = {"backend": target.kind, "model": target.model_name, "params": params.to_dict(), "chat": chat}
@@ -199,7 +203,7 @@ class LLMMagics(Magics, Configurable):
     def _show_logprobs(self, completions: list[Any]) -> None:
         from IPython.display import display
 
-        from jupyter_llm.notebook.display import table_bundle
+        from jupyter_llm.views import table_bundle
 
         for c in completions:
             rows = [{"token": repr(lp.token), "logprob": f"{lp.logprob:.3f}",
@@ -210,7 +214,7 @@ class LLMMagics(Magics, Configurable):
 
     # --- %llm_serve ------------------------------------------------------------------------
     @magic_arguments()
-    @serve_arguments
+    @SERVE.decorate
     @argument("--status", action="store_true", help="show the servers running in this kernel")
     @argument("--stop", action="store_true", help="stop the servers (or the one on --port) and free their ports")
     @line_magic
@@ -219,36 +223,32 @@ class LLMMagics(Magics, Configurable):
         the kernel stays usable. Binds 127.0.0.1 unless --host says otherwise."""
         from IPython.display import display
 
-        from jupyter_llm.notebook.display import table_bundle
         from jupyter_llm.server import launcher
-        from jupyter_llm.server.settings import settings_from_args
+        from jupyter_llm.server.settings import key_hint, settings_from_args
+        from jupyter_llm.views import table_bundle
 
         args = _parse(self.llm_serve, line)
-        with self._errors_as_usage():
-            try:
-                if args.stop:
-                    stopped = launcher.stop_servers(args.port)
-                    print("\n".join(f"stopped the server at {h.url}" for h in stopped) or "no server is running")
-                elif args.status:
-                    rows = [h.status() for h in launcher.running_servers()]
-                    if rows:
-                        display(table_bundle(rows, title="Servers"), raw=True)
-                    else:
-                        print("no server is running")
+        with _user_errors():
+            if args.stop:
+                stopped = launcher.stop_servers(args.port)
+                print("\n".join(f"stopped the server at {h.url}" for h in stopped) or "no server is running")
+            elif args.status:
+                rows = [h.status() for h in launcher.running_servers()]
+                if rows:
+                    display(table_bundle(rows, title="Servers"), raw=True)
                 else:
-                    settings = settings_from_args(args)
-                    handle = launcher.start_server(self.manager, settings)
-                    if settings.warning:
-                        print(f"Warning: {settings.warning}")
-                    key_hint = f"${args.api_key_env}" if args.api_key_env else "YOUR-KEY" if args.api_key else None
-                    print(launcher.banner(handle.url, self.manager.names(), self.manager.default, key_hint,
-                                        "Status: %llm_serve --status · stop: %llm_serve --stop"))
-            except launcher.ServerError as error:
-                raise UsageError(str(error)) from None
+                    print("no server is running")
+            else:
+                settings = settings_from_args(args)
+                handle = launcher.start_server(self.manager, settings)
+                if settings.warning:
+                    print(f"Warning: {settings.warning}")
+                print(launcher.banner(handle.url, self.manager.names(), self.manager.default, key_hint(args),
+                                      "Status: %llm_serve --status · stop: %llm_serve --stop"))
 
     # --- %llm_bench ---------------------------------------------------------------------
     @magic_arguments()
-    @bench_arguments
+    @BENCH.decorate
     @argument("-o", "--output", metavar="VAR", help="store the BenchResult in VAR")
     @line_magic
     def llm_bench(self, line: str) -> None:
@@ -259,7 +259,7 @@ class LLMMagics(Magics, Configurable):
         from jupyter_llm.bench.command import run_from_args
 
         args = _parse(self.llm_bench, line)
-        with self._errors_as_usage():
+        with _user_errors():
             result, compare = run_from_args(args, self.manager, self.shell.user_ns if self.shell else None)
         display(result.table(), raw=True)
         if not args.no_plot:
@@ -280,26 +280,7 @@ class LLMMagics(Magics, Configurable):
 
         from jupyter_llm.notebook.widgets import Playground
 
-        with self._errors_as_usage():
+        with _user_errors():
             if not self.manager.names():
                 self._load_default()
         display(Playground(prompt=line.strip()))
-
-    # --- errors -------------------------------------------------------------------------
-    def _errors_as_usage(self):
-        return _ErrorsAsUsage(_usage_errors())
-
-
-class _ErrorsAsUsage:
-    """Turns the user's errors into UsageError: IPython prints one line, no traceback."""
-
-    def __init__(self, kinds: tuple[type[BaseException], ...]):
-        self.kinds = kinds
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
-        if error is not None and isinstance(error, self.kinds) and not isinstance(error, UsageError):
-            raise UsageError(str(error)) from None
-        return False

@@ -1,8 +1,9 @@
 """The OpenAI-compatible app: routes, error handlers and middleware wired around one manager.
 
 Every error leaves as OpenAI's error object ({"error": {"message", "type", "param",
-"code"}}): validation errors are 400 (not FastAPI's 422), unknown routes 404, anything
-unexpected a bare 500 without a trace.
+"code"}}): validation errors are 400 (not FastAPI's 422), unknown routes 404, a user's error
+(jupyter_llm.errors) as `protocol.user_error` maps it, anything unexpected a bare 500 without
+a trace.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run
 # time, and the body models are built inside create_app.
@@ -21,8 +22,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from jupyter_llm import __version__
+from jupyter_llm.errors import UserError
 from jupyter_llm.server.metrics import ServerMetrics
-from jupyter_llm.server.protocol import FIELD_NAMES, APIError, ErrorResponse, bounded_models
+from jupyter_llm.server.protocol import FIELD_NAMES, APIError, ErrorResponse, bounded_models, user_error
 from jupyter_llm.server.security import GuardMiddleware, KeyChecker, RateLimiter
 from jupyter_llm.server.serving import Generation
 from jupyter_llm.server.settings import ServerSettings
@@ -59,6 +61,10 @@ def create_app(manager: Any = None, settings: ServerSettings | None = None) -> F
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return error_response(error)
+
+    @app.exception_handler(UserError)  # one that a route did not turn into an APIError itself
+    async def user_failure(request: Request, error: UserError) -> JSONResponse:
+        return error_response(user_error(error))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -27,7 +27,7 @@ _lock = threading.Lock()
 def bind(settings: ServerSettings) -> socket.socket:
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on connections whose socket says
-    # so, and without it Nagle's algorithm holds each response's body ~40 ms on keep-alive.
+    # so, and without it Nagle's algorithm holds back each response's body on keep-alive.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     # Lets a restarted server take its port back at once (old connections in TIME_WAIT);
     # a port another socket listens on still fails.

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError, UserError
 from jupyter_llm.schema import Completion, TokenLogprob
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -117,6 +118,23 @@ def bounded_models(max_n: int, max_tokens: int) -> tuple[type[CompletionRequest]
     chat = create_model("ChatCompletionRequest", __base__=ChatRequest, n=n, max_tokens=tokens,
                         max_completion_tokens=tokens)
     return completion, chat
+
+
+def user_error(error: UserError) -> APIError:
+    """A user's error as the OpenAI error object: the server's one mapping of jupyter_llm.errors.
+    A ParamError names its parameter when the message starts with a request field."""
+    message = str(error)
+    if isinstance(error, ParamError):
+        first = message.split(" ", 1)[0]
+        known = set(SamplingFields.model_fields) | {"max_tokens", "logprobs", "top_logprobs", "prompt", "messages"}
+        return APIError(400, message, param=first if first in known else None, code="invalid_value")
+    if isinstance(error, QueueFullError):
+        return APIError(503, message, type="server_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(error, NoBackendError):
+        return APIError(404, message, param="model", code="model_not_found")
+    if isinstance(error, BackendError):
+        return APIError(500, message, type="server_error", code="backend_error")
+    return APIError(400, message)  # the rest (ModelNotFound, ServerError...) is the request's to mend
 
 
 # --- responses ------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jupyter_llm.argtable import ArgTable
 from jupyter_llm.errors import ParamError
 
 DEFAULT_PORT = 8000
@@ -70,7 +70,7 @@ def parse_rate(text: str) -> float:
     return value / seconds[unit]
 
 
-SERVE_ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+SERVE = ArgTable([
     (("--host",), {"default": "127.0.0.1", "help": "address to bind (default 127.0.0.1: this machine only)"}),
     (("--port",), {"type": int, "help": f"port (default {DEFAULT_PORT}; 0 picks a free one)"}),
     (("--api-key",), {"action": "append", "metavar": "KEY", "help": "require this key (repeatable)"}),
@@ -78,21 +78,8 @@ SERVE_ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--rate-limit",), {"metavar": "N/s", "help": "requests per second per key (default: no limit)"}),
     (("--max-queue",), {"type": int, "default": 256, "help": "prompts in flight before 503 (default 256)"}),
     (("--cors",), {"action": "append", "metavar": "ORIGIN", "help": "allow browser calls from ORIGIN (repeatable)"}),
-]
-
-
-def serve_arguments(func: Callable) -> Callable:
-    """Decorator adding SERVE_ARGUMENTS to an IPython magic (inside @magic_arguments())."""
-    from IPython.core.magic_arguments import argument
-
-    for flags, kwargs in reversed(SERVE_ARGUMENTS):
-        func = argument(*flags, **kwargs)(func)
-    return func
-
-
-def add_serve_arguments(parser: Any) -> None:
-    for flags, kwargs in SERVE_ARGUMENTS:
-        parser.add_argument(*flags, **kwargs)
+])
+add_serve_arguments = SERVE.add_to  # the name tests/unit/server/test_server_security.py builds its parser with
 
 
 def settings_from_args(args: Any) -> ServerSettings:
@@ -110,3 +97,8 @@ def settings_from_args(args: Any) -> ServerSettings:
         max_queue=args.max_queue,
         cors_origins=tuple(args.cors or ()),
     )
+
+
+def key_hint(args: Any) -> str | None:
+    """How the banner names the key a client sends: the variable's name, never a key itself."""
+    return f"${args.api_key_env}" if args.api_key_env else "YOUR-KEY" if args.api_key else None

@@ -34,6 +34,15 @@ def test_api_key_from_the_environment(tiny_llama):
             assert right.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_backend_options_reach_the_served_backend(tiny_llama):
+    # a free --key value word and a --backend-option item; --api-key stays the server's own flag
+    args = tiny_args(tiny_llama, "--max-model-len", "96", "--backend-option", "max_num_seqs=2", "--api-key", "sk-a")
+    with cli_server(args) as server:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="sk-a", max_retries=0) as client:
+            [card] = client.models.list().data
+        assert card.model_extra["max_model_len"] == 96
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_finishes_in_flight_requests_then_exits_cleanly(tiny_llama, sig):
     # the native engine batches continuously: both requests run at once, whatever their timing

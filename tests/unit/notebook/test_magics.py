@@ -32,6 +32,21 @@ def test_backend_load_table_use_and_stop(shell, tiny_llama, capsys):
     assert "stopped m1" in capsys.readouterr().out
 
 
+def test_backend_options_both_ways(shell, manager, tiny_llama):
+    # --key value (any option the magic does not define) and --backend-option KEY=VALUE, as in the CLI
+    shell.run_cell(f"%llm_backend hf {tiny_llama} --name m3 --backend-option max_num_seqs=3 --threads 1 "
+                   "--dtype=float32")
+    try:
+        options = manager.get("m3").options
+        assert (options.max_num_seqs, options.threads, options.dtype) == (3, 1, "float32")
+    finally:
+        shell.run_cell("%llm_backend --stop m3")
+    with pytest.raises(UsageError, match=r"unexpected arguments \['--threads', '1'\]; name a backend"):
+        shell.run_cell("%llm_backend --threads 1")
+    with pytest.raises(UsageError, match="--backend-option expects KEY=VALUE, got 'threads'"):
+        shell.run_cell(f"%llm_backend hf {tiny_llama} --backend-option threads")
+
+
 def test_list_shows_every_backend(shell, capsys):
     shell.run_cell("%llm_backend --list")
     out = capsys.readouterr().out
