@@ -4,19 +4,26 @@
 uses, so EOS detection, prompt encoding, the incremental detokenizer and stop strings are
 the shared code. The chat template comes from the GGUF metadata and renders with jinja2
 the way transformers renders it (llama-cpp-python's `Jinja2ChatFormatter`).
+
+`llama_cpp` is imported on use: the llamacpp backend imports this module before its CPU
+probe has passed (llamacpp/probe.py), and llama.cpp must not load in this process before.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from jupyter_llm.schema import Message
 from jupyter_llm.tokenization import Tokenizer
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 
 class GGUFVocab:
     """A transformers-tokenizer look-alike over a loaded `llama_cpp.Llama`."""
 
-    def __init__(self, llama: Any):
+    def __init__(self, llama: Llama):
         import llama_cpp
 
         self.llama = llama
@@ -29,7 +36,7 @@ class GGUFVocab:
         self.eos_token = self._texts[eos] if eos >= 0 else ""
         self.bos_token = self._texts[bos] if bos >= 0 else ""
         self.chat_template: str | None = llama.metadata.get("tokenizer.chat_template")
-        self._formatters: dict[bool, Any] = {}
+        self._formatters: dict[bool, Jinja2ChatFormatter] = {}
 
     def __len__(self) -> int:
         return len(self._texts)
@@ -59,7 +66,7 @@ class GGUFVocab:
         return formatter(messages=messages).prompt
 
 
-def gguf_tokenizer(llama: Any) -> Tokenizer:
+def gguf_tokenizer(llama: Llama) -> Tokenizer:
     """The shared Tokenizer over a loaded llama_cpp.Llama (a full model or vocab_only)."""
     return Tokenizer(GGUFVocab(llama))
 

@@ -59,6 +59,7 @@ class Tokenizer:
 
 def load_tokenizer(folder: str) -> Tokenizer:
     """A Tokenizer for an HF folder, with the generation config's EOS ids too."""
+    # transformers on use: backends without it (openai with a GGUF tokenizer) import this module too.
     from transformers import AutoTokenizer, GenerationConfig
 
     hf_tokenizer = AutoTokenizer.from_pretrained(folder)

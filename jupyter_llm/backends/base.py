@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from jupyter_llm.errors import ParamError
-from jupyter_llm.schema import GenerationRequest, Message, TokenEvent
+from jupyter_llm.schema import GenerationRequest, Message, PreparedRequest, TokenEvent
 
 
 def missing_packages(*modules: str) -> list[str]:
@@ -136,6 +136,8 @@ class Backend(ABC):
     """One loaded model behind one engine."""
 
     kind: ClassVar[str]  # registry name: "hf", "native", ...
+    # Entry-point backends describe themselves here and in availability(); built-in kinds do
+    # it in their BackendSpec (backends/__init__.py), which is read without importing them.
     description: ClassVar[str] = ""
     install_hint: ClassVar[str] = ""  # the exact pip command when the package is missing
     options_class: ClassVar[type[BackendOptions]] = BackendOptions
@@ -150,7 +152,7 @@ class Backend(ABC):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        """(can load on this machine, why not)."""
+        """(can load on this machine, why not); asked of entry-point backends only."""
         return True, ""
 
     # --- life cycle -------------------------------------------------------------------
@@ -183,6 +185,23 @@ class Backend(ABC):
         reason = self.capabilities.refusal(request, self.kind)
         if reason:
             raise ParamError(reason)
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Check a request once (raises ParamError); the manager and `generate` then run the
+        prepared request as it is. Default: `check_request`; a backend that tokenizes here
+        adds the prompt ids."""
+        if isinstance(request, PreparedRequest) and request.backend is self:
+            return request
+        self.check_request(request)
+        return PreparedRequest.of(request, self)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The token ids of a request's prompt or conversation (the ones it carries, if any)."""
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        if request.messages is not None:
+            return self.tokenize(self.apply_chat_template(request.messages))
+        return self.tokenize(request.prompt or "")
 
     @abstractmethod
     def stats(self) -> dict[str, Any]:

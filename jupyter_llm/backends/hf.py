@@ -13,9 +13,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from jupyter_llm.backends.base import BackendOptions, Capabilities
 from jupyter_llm.backends.devices import resolve_device, torch_dtype
 from jupyter_llm.backends.inprocess import EngineSequence, InProcessBackend, LogprobEntry, StepEngine
+from jupyter_llm.model_files import ensure_hf_folder, resolve_model
+from jupyter_llm.progress import steps
 from jupyter_llm.sampling import Sampler
 from jupyter_llm.tokenization import load_tokenizer
 
@@ -31,16 +36,16 @@ class HFOptions(BackendOptions):
 class HFStepEngine(StepEngine):
     """Static batches over an HF model with a DynamicCache."""
 
-    def __init__(self, model: Any, max_num_seqs: int):
+    def __init__(self, model: PreTrainedModel, max_num_seqs: int):
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.sampler = Sampler()
         self.waiting: deque[EngineSequence] = deque()
         self.rows: list[EngineSequence] = []  # the running batch, one sequence per cache row
         self.removed: set[int] = set()
-        self.cache: Any = None
-        self.attention_mask: Any = None
-        self.positions: Any = None
+        self.cache: DynamicCache | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
         # transformers 5.x renamed `past_key_values` to `cache`; older versions know only the first.
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -64,8 +69,6 @@ class HFStepEngine(StepEngine):
         return {"batch_size": len(self.rows)}
 
     def step(self) -> list[tuple[EngineSequence, int, LogprobEntry | None]]:
-        import torch
-
         with torch.inference_mode():
             self._drop_removed_rows()
             logits = self._prefill() if not self.rows else self._decode()
@@ -73,8 +76,6 @@ class HFStepEngine(StepEngine):
         return list(zip(self.rows, sampled.token_ids, sampled.logprobs))
 
     def _drop_removed_rows(self) -> None:
-        import torch
-
         if not self.removed:
             return
         keep = [i for i, s in enumerate(self.rows) if s.seq_id not in self.removed]
@@ -89,10 +90,7 @@ class HFStepEngine(StepEngine):
             self.positions = self.positions[index]
             self.rows = [self.rows[i] for i in keep]
 
-    def _prefill(self):
-        import torch
-        from transformers import DynamicCache
-
+    def _prefill(self) -> torch.Tensor:
         self.rows = [self.waiting.popleft() for _ in range(min(self.max_num_seqs, len(self.waiting)))]
         device = self.model.device
         width = max(len(s.token_ids) for s in self.rows)
@@ -110,9 +108,7 @@ class HFStepEngine(StepEngine):
         self.attention_mask, self.positions = mask, positions[:, -1:]
         return out.logits[:, -1, :]
 
-    def _decode(self):
-        import torch
-
+    def _decode(self) -> torch.Tensor:
         device = self.attention_mask.device
         last = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=device)
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], 1)
@@ -124,21 +120,10 @@ class HFStepEngine(StepEngine):
 
 class HFBackend(InProcessBackend):
     kind = "hf"
-    description = "Hugging Face transformers (CPU or CUDA)"
-    install_hint = "pip install transformers accelerate gguf"
     options_class = HFOptions
     capabilities = Capabilities(batching="static", devices=("cpu", "cuda"))
 
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        return package_availability(cls.install_hint, "torch", "transformers")
-
     def load(self, progress: bool = True) -> None:
-        from transformers import AutoModelForCausalLM
-
-        from jupyter_llm.model_files import ensure_hf_folder, resolve_model
-        from jupyter_llm.progress import steps
-
         options: HFOptions = self.options  # type: ignore[assignment]
         dtype = torch_dtype(options.dtype)
         self.device = resolve_device(options.device)
@@ -155,7 +140,3 @@ class HFBackend(InProcessBackend):
         self._max_model_len = min(options.max_model_len or limit, limit)
         self.hf_model = model
         self.engine = HFStepEngine(model, options.max_num_seqs)
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len

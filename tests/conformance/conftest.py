@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from backends_external import *
-from backends_external import EXTERNAL_BACKENDS
-from backends_onnx import *
+# The backends' fixtures are named here for pytest to find (conftest fixtures must be in its namespace).
+from backends_external import (  # noqa: F401
+    EXTERNAL_BACKENDS,
+    embedded_llamacpp,
+    llamacpp_server_url,
+    openai_llamacpp_server,
+    openai_own_server,
+    own_server_url,
+)
+from backends_onnx import ONNX_BACKENDS, onnx_export_dir, tiny_onnx, tiny_onnx_int4, tiny_onnx_int8  # noqa: F401
 
 # name -> fixture that returns the loaded backend name in the session manager
 BACKENDS = ["tiny_hf", "tiny_native"]

@@ -1,19 +1,18 @@
-"""What the in-process GPU backends (vllm, trtllm) share: the package and GPU checks that
-fail in one line, the options and SamplingParams fields both engines name alike, building
-an engine outside any running event loop, and turning an engine's cumulative per-sample
-outputs into TokenEvents."""
+"""What the in-process GPU backends (vllm, trtllm) share: the options and SamplingParams
+fields both engines name alike, building an engine outside any running event loop, and
+turning an engine's cumulative per-sample outputs into TokenEvents."""
 from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
-from jupyter_llm.backends.base import Backend, BackendOptions, check_prompt_fits, missing_packages
+from jupyter_llm.backends.base import Backend, BackendOptions
 from jupyter_llm.backends.meter import TokenMeter
+from jupyter_llm.backends.tokenizer_api import TokenizerServices
 from jupyter_llm.errors import ParamError
-from jupyter_llm.schema import GenerationRequest, Message, SamplingParams, TokenEvent, TokenLogprob
-from jupyter_llm.tokenization import Tokenizer
+from jupyter_llm.schema import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
 
 T = TypeVar("T")
 
@@ -53,16 +52,6 @@ def shared_sampling_kwargs(params: SamplingParams, **engine_values: Any) -> dict
             "repetition_penalty": params.repetition_penalty, "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty, "seed": params.seed, "stop": list(params.stop),
             "ignore_eos": params.ignore_eos, "logprobs": params.logprobs, **engine_values}
-
-
-def cuda_reason() -> tuple[bool, str]:
-    import torch
-
-    try:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception as error:  # a broken driver: one line, not a CUDA traceback
-        return False, f"CUDA is not usable here ({type(error).__name__}: {error})"
-    return (True, "") if count else (False, "no NVIDIA GPU is visible (torch.cuda.is_available() is False)")
 
 
 def build_outside_loop(build: Callable[[], T]) -> T:
@@ -171,51 +160,14 @@ async def stream_events(outputs: AsyncIterator[Any], tracker: OutputTracker, pro
         meter.finished()
 
 
-class TokenizerServices:
-    """The tokenizer services of a Backend whose engine tokenizes with the model's HF tokenizer
-    files: the same `Tokenizer` is loaded here, so prompts are counted before they are sent."""
-
-    tokenizer: Tokenizer
-    _max_model_len: int
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def apply_chat_template(self, messages: list[Message]) -> str:
-        return self.tokenizer.apply_chat_template(messages)
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self.tokenizer.eos_token_ids
-
-    def prompt_ids_within_context(self, request: GenerationRequest) -> list[int]:
-        prompt_ids = self.tokenizer.prompt_ids(request)
-        check_prompt_fits(len(prompt_ids), self._max_model_len)
-        return prompt_ids
-
-
 class GPUEngineBackend(TokenizerServices, Backend):
-    """A Backend over an in-process GPU engine: the package and GPU check, the token meter,
-    a request's prompt ids and output tracker, and the stats both engines report."""
-
-    package: ClassVar[str]  # the engine's import name
+    """A Backend over an in-process GPU engine: the token meter, a request's prompt ids and
+    output tracker, and the stats both engines report. (Its package and GPU check is
+    `jupyter_llm.backends.checks.gpu_engine_availability`.)"""
 
     def __init__(self, model: str | None = None, **options: Any):
         super().__init__(model, **options)
         self.meter = TokenMeter()
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        """(True, "") when the package is installed and torch sees a CUDA GPU; else why not, in one line."""
-        if missing_packages(cls.package):
-            return False, f"the {cls.package} package is not installed: {cls.install_hint}"
-        if missing_packages("torch"):
-            return False, f"torch is not installed ({cls.package} needs it): {cls.install_hint}"
-        return cuda_reason()
 
     def open_request(self, request: GenerationRequest) -> tuple[list[int], OutputTracker]:
         """Check `request`; its prompt ids and the tracker that turns its outputs into events."""

@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_llm.backends.base import Capabilities
 from jupyter_llm.backends.gpu.engine import (
@@ -24,10 +24,12 @@ from jupyter_llm.backends.gpu.engine import (
     shared_sampling_kwargs,
     stream_events,
 )
+from jupyter_llm.model_files import ensure_hf_folder, resolve_model
 from jupyter_llm.schema import GenerationRequest, SamplingParams, TokenEvent
-from jupyter_llm.tokenization import Tokenizer
+from jupyter_llm.tokenization import Tokenizer, load_tokenizer
 
-INSTALL_HINT = "pip install 'jupyter-llm[trtllm]'"
+if TYPE_CHECKING:
+    from tensorrt_llm import LLM
 
 
 @dataclass
@@ -67,26 +69,21 @@ def context_length(folder: str) -> int | None:
 
 class TRTLLMBackend(GPUEngineBackend):
     kind = "trtllm"
-    description = "TensorRT-LLM in process (NVIDIA GPU): HF models or built engines, in-flight batching"
-    package = "tensorrt_llm"
-    install_hint = INSTALL_HINT
     options_class = TRTLLMOptions
     capabilities = Capabilities(batching="continuous", devices=("cuda",))
 
     def __init__(self, model: str | None = None, **options: Any):
         super().__init__(model, **options)
-        self.llm: Any = None
+        self.llm: LLM | None = None
 
     def load(self, progress: bool = True) -> None:
-        from jupyter_llm.model_files import ensure_hf_folder, resolve_model
-        from jupyter_llm.tokenization import load_tokenizer
-
         options: TRTLLMOptions = self.options  # type: ignore[assignment]
         spec = resolve_model(self.model_arg)
         path = ensure_hf_folder(spec, progress)
         kwargs, kv = llm_kwargs(path, options), kv_cache_kwargs(options)
 
-        def build() -> Any:
+        def build() -> LLM:
+            # tensorrt_llm is imported on use: this module (options, mapping, fake-engine tests) works without it.
             from tensorrt_llm import LLM
             from tensorrt_llm.llmapi import KvCacheConfig
 
@@ -108,7 +105,7 @@ class TRTLLMBackend(GPUEngineBackend):
             llm.shutdown()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        from tensorrt_llm import SamplingParams as TRTSamplingParams
+        from tensorrt_llm import SamplingParams as TRTSamplingParams  # on use, as in load()
 
         prompt_ids, tracker = self.open_request(request)
         sampling = TRTSamplingParams(**sampling_kwargs(request.params))

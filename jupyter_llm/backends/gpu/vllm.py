@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_llm.backends.base import Capabilities
 from jupyter_llm.backends.gpu.engine import (
@@ -22,10 +22,12 @@ from jupyter_llm.backends.gpu.engine import (
     shared_sampling_kwargs,
     stream_events,
 )
+from jupyter_llm.model_files import ensure_hf_folder, resolve_model
 from jupyter_llm.schema import GenerationRequest, SamplingParams, TokenEvent
-from jupyter_llm.tokenization import Tokenizer
+from jupyter_llm.tokenization import Tokenizer, load_tokenizer
 
-INSTALL_HINT = "pip install 'jupyter-llm[vllm]'"
+if TYPE_CHECKING:
+    from vllm import AsyncLLMEngine
 
 
 @dataclass
@@ -67,26 +69,21 @@ def _config_value(engine: Any, section: str, name: str) -> Any:
 
 class VLLMBackend(GPUEngineBackend):
     kind = "vllm"
-    description = "vLLM in process (NVIDIA GPU): continuous batching, paged attention, tensor parallel"
-    package = "vllm"
-    install_hint = INSTALL_HINT
     options_class = VLLMOptions
     capabilities = Capabilities(batching="continuous", devices=("cuda",))
 
     def __init__(self, model: str | None = None, **options: Any):
         super().__init__(model, **options)
-        self.engine: Any = None
+        self.engine: AsyncLLMEngine | None = None
 
     def load(self, progress: bool = True) -> None:
-        from jupyter_llm.model_files import ensure_hf_folder, resolve_model
-        from jupyter_llm.tokenization import load_tokenizer
-
         options: VLLMOptions = self.options  # type: ignore[assignment]
         spec = resolve_model(self.model_arg)
         path = ensure_hf_folder(spec, progress)  # a GGUF file is converted once to an HF folder
         kwargs = engine_kwargs(path, options)
 
-        def build() -> Any:
+        def build() -> AsyncLLMEngine:
+            # vllm is imported on use: this module (options, mapping, fake-engine tests) works without it.
             from vllm import AsyncEngineArgs, AsyncLLMEngine
 
             return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
@@ -111,7 +108,7 @@ class VLLMBackend(GPUEngineBackend):
                 break
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm import SamplingParams as VLLMSamplingParams  # on use, as in load()
 
         prompt_ids, tracker = self.open_request(request)
         outputs = self.engine.generate({"prompt_token_ids": prompt_ids},

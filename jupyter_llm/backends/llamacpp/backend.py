@@ -8,20 +8,31 @@ penalties, top-k/top-p/min-p and logprobs behave exactly as on the other in-proc
 backends, and logprobs need no `logits_all` (only the last position's logits are read).
 Cancellation takes effect between two steps, i.e. between tokens. Requests wait in one
 FIFO queue; the n samples of a request run one after the other.
+
+`llama_cpp` is imported only once the probe passed (in `load`, and by what runs after it):
+a build compiled for another CPU is found out in a subprocess before it runs in this one.
 """
 from __future__ import annotations
 
 import ctypes
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
+import numpy as np
+import torch
+
+from jupyter_llm.backends.base import BackendOptions, Capabilities
 from jupyter_llm.backends.inprocess import EngineSequence, InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.backends.llamacpp.probe import probe
 from jupyter_llm.errors import BackendError
 from jupyter_llm.gguf_vocab import gguf_tokenizer
+from jupyter_llm.model_files import resolve_model
+from jupyter_llm.progress import steps
 from jupyter_llm.sampling import Sampler
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 DEFAULT_N_CTX = 4096
 
@@ -37,7 +48,7 @@ class LlamaCppOptions(BackendOptions):
 class LlamaCppStepEngine(StepEngine):
     """One sequence at a time: prefill it in chunks of n_batch, then one token per step."""
 
-    def __init__(self, llama: Any, n_batch: int):
+    def __init__(self, llama: Llama, n_batch: int):
         self.llama = llama
         self.n_batch = n_batch
         self.sampler = Sampler()
@@ -60,7 +71,7 @@ class LlamaCppStepEngine(StepEngine):
     def counts(self) -> tuple[int, int]:
         return int(self.current is not None), len(self.waiting)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, str]:
         return {"batching": "none (one sequence at a time)"}
 
     def step(self) -> list[tuple[EngineSequence, int, LogprobEntry | None]]:
@@ -80,19 +91,17 @@ class LlamaCppStepEngine(StepEngine):
         sampled = self.sampler(self._last_logits(), [seq.sampling])
         return [(seq, sampled.token_ids[0], sampled.logprobs[0])]
 
-    def _last_logits(self):
-        import llama_cpp
-        import numpy as np
-        import torch
+    def _last_logits(self) -> torch.Tensor:
+        import llama_cpp  # loaded already (after the probe): see the module's docstring
 
         pointer = llama_cpp.llama_get_logits_ith(self.llama.ctx, -1)
         row = np.ctypeslib.as_array(pointer, shape=(self.llama.n_vocab(),))
         return torch.from_numpy(row.copy()).unsqueeze(0)
 
 
-def model_description(llama: Any) -> str:
+def model_description(llama: Llama) -> str:
     """llama.cpp's one-line description, e.g. 'llama 135M Q4_1'."""
-    import llama_cpp
+    import llama_cpp  # loaded already (after the probe): see the module's docstring
 
     buffer = ctypes.create_string_buffer(256)
     llama_cpp.llama_model_desc(llama.model, buffer, ctypes.sizeof(buffer))
@@ -101,28 +110,15 @@ def model_description(llama: Any) -> str:
 
 class LlamaCppBackend(InProcessBackend):
     kind = "llamacpp"
-    description = "llama.cpp via llama-cpp-python: GGUF files on CPU, one sequence at a time"
-    install_hint = "pip install 'jupyter-llm[llamacpp]'"
     options_class = LlamaCppOptions
     capabilities = Capabilities(batching="none", devices=("cpu", "gpu"))
 
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        ok, reason = package_availability(cls.install_hint, "llama_cpp", "torch")
-        if not ok:
-            return ok, reason
-        verdict = probe()  # in a subprocess, before llama.cpp is ever loaded in this one
-        return verdict.ok, verdict.reason
-
     def load(self, progress: bool = True) -> None:
-        from jupyter_llm.model_files import resolve_model
-        from jupyter_llm.progress import steps
-
         spec = resolve_model(self.model_arg)
         verdict = probe(spec.path if spec.is_gguf else None)
         if not verdict.ok:
             raise BackendError(verdict.reason)
-        import llama_cpp
+        import llama_cpp  # only now: see the module's docstring
 
         options: LlamaCppOptions = self.options  # type: ignore[assignment]
         if options.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
@@ -148,10 +144,6 @@ class LlamaCppBackend(InProcessBackend):
         trained = llama_cpp.llama_model_n_ctx_train(llama.model)
         self._max_model_len = min(llama.n_ctx(), trained) if trained > 0 else llama.n_ctx()
         self.engine = LlamaCppStepEngine(llama, options.n_batch)
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
 
     async def stop(self) -> None:
         await super().stop()

@@ -19,6 +19,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from jupyter_llm.cpu import cpu_info
+from jupyter_llm.llamacpp_build import REBUILD_COMMAND, installed_build
+from jupyter_llm.model_files import cache_dir, embedded_gguf_path
 
 PROBE_TIMEOUT_S = 120.0
 # Run as `python -c PROBE_SCRIPT MODEL.gguf`; prints "ok" when a forward pass completed.
@@ -52,8 +54,6 @@ def build_identity() -> str | None:
 
 
 def _verdict_file(key: str) -> Path:
-    from jupyter_llm.model_files import cache_dir
-
     return cache_dir() / "llamacpp-probe" / f"{key}.json"
 
 
@@ -67,11 +67,9 @@ def _signal_name(returncode: int) -> str:
 
 def _run_probe(model_path: str, timeout: float) -> tuple[ProbeVerdict, bool]:
     """(verdict, whether it is worth caching): a crash or a success is; a timeout is not."""
-    from jupyter_llm.llamacpp_build import REBUILD_COMMAND, installed_build
-
     try:
-        done = subprocess.run([sys.executable, "-c", PROBE_SCRIPT, model_path], capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run([sys.executable, "-c", PROBE_SCRIPT, model_path], check=False, capture_output=True,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return ProbeVerdict(False, f"llama.cpp's test evaluation on this CPU did not finish in {timeout:g} s "
                                    f"(a busy machine? try again)"), False
@@ -90,8 +88,6 @@ def _run_probe(model_path: str, timeout: float) -> tuple[ProbeVerdict, bool]:
 def probe(model_path: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> ProbeVerdict:
     """Whether the installed llama.cpp evaluates tokens here. `model_path` is used only when the
     embedded model is not installed; with neither, or no llama_cpp, there is nothing to ask (ok)."""
-    from jupyter_llm.model_files import embedded_gguf_path
-
     build = build_identity()
     gguf = embedded_gguf_path() or model_path
     if build is None or gguf is None:

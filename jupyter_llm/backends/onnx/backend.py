@@ -22,11 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jupyter_llm.backends.base import BackendOptions, Capabilities, package_availability
+import numpy as np
+import onnxruntime_genai as og
+import torch
+
+from jupyter_llm.backends.base import BackendOptions, Capabilities
 from jupyter_llm.backends.inprocess import EngineSequence, InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.backends.onnx.export import PRECISIONS, PROVIDERS, export_folder, export_metadata, is_genai_folder
 from jupyter_llm.errors import BackendError, ParamError
+from jupyter_llm.model_files import resolve_model
+from jupyter_llm.progress import steps
 from jupyter_llm.sampling import Sampler
+from jupyter_llm.tokenization import Tokenizer, load_tokenizer
 
 DEFAULT_PRECISION = "int4"
 # Padding is marked by the pad id, and the generator masks EVERY trailing pad id, even a real
@@ -53,7 +60,7 @@ def _eos_ids(genai_config: dict) -> tuple[int, ...]:
 class ONNXStepEngine(StepEngine):
     """Static batches on an ONNX Runtime GenAI generator, sampled by the shared sampler."""
 
-    def __init__(self, model: Any, max_num_seqs: int, max_model_len: int, end_ids: tuple[int, ...]):
+    def __init__(self, model: og.Model, max_num_seqs: int, max_model_len: int, end_ids: tuple[int, ...]):
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -62,9 +69,9 @@ class ONNXStepEngine(StepEngine):
         self.waiting: deque[EngineSequence] = deque()
         self.rows: list[EngineSequence] = []  # the running batch, one sequence per generator row
         self.removed: set[int] = set()
-        self.generator: Any = None
-        self.chosen: Any = None  # the tokens sampled last step, one per row, fed at the next step
-        self.one_hot: Any = None  # [rows, vocab] buffer that hands the chosen tokens to the generator
+        self.generator: og.Generator | None = None
+        self.chosen: np.ndarray | None = None  # the tokens sampled last step, one per row, fed at the next step
+        self.one_hot: np.ndarray | None = None  # [rows, vocab] buffer that hands the chosen tokens to the generator
 
     def add(self, seq: EngineSequence) -> None:
         self.waiting.append(seq)
@@ -87,9 +94,6 @@ class ONNXStepEngine(StepEngine):
         return {"batch_rows": len(self.rows)}
 
     def step(self) -> list[tuple[EngineSequence, int, LogprobEntry | None]]:
-        import numpy as np
-        import torch
-
         logits = self._decode() if self.generator is not None else self._start_batch()
         live = [i for i, seq in enumerate(self.rows) if seq.seq_id not in self.removed]
         rows = torch.from_numpy(np.ascontiguousarray(logits[live, -1, :], dtype=np.float32))
@@ -101,11 +105,8 @@ class ONNXStepEngine(StepEngine):
         self.chosen[live] = sampled.token_ids
         return [(self.rows[i], token, logprob) for i, token, logprob in zip(live, sampled.token_ids, sampled.logprobs)]
 
-    def _start_batch(self):
+    def _start_batch(self) -> np.ndarray:
         """Prefill the waiting sequences that fit together in one generator; their logits."""
-        import numpy as np
-        import onnxruntime_genai as og
-
         width = steps = 0
         while self.waiting and len(self.rows) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -129,10 +130,8 @@ class ONNXStepEngine(StepEngine):
         self.one_hot = np.full((len(self.rows), logits.shape[-1]), _NOT_CHOSEN, dtype=np.float32)
         return logits
 
-    def _decode(self):
+    def _decode(self) -> np.ndarray:
         """Append last step's tokens (as one-hot logits for the greedy search) and run the model."""
-        import numpy as np
-
         rows = np.arange(len(self.rows))
         self.one_hot[rows, self.chosen] = 0.0
         self.generator.set_logits(self.one_hot)
@@ -147,37 +146,17 @@ class ONNXStepEngine(StepEngine):
 
 class ONNXBackend(InProcessBackend):
     kind = "onnx"
-    description = "ONNX Runtime GenAI: HF models exported to fp32/int8/int4 ONNX, CPU or CUDA"
-    install_hint = "pip install 'jupyter-llm[onnx]'"
     options_class = ONNXOptions
     capabilities = Capabilities(batching="static", devices=("cpu", "cuda"))
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        ok, reason = package_availability(cls.install_hint, "onnxruntime_genai", "torch", "transformers")
-        if not ok:
-            return ok, reason
-        import onnxruntime_genai as og
-
-        needed = ("append_tokens", "get_logits", "set_logits")
-        if not all(hasattr(og.Generator, name) for name in needed) or not hasattr(og.Config, "overlay"):
-            return False, f"onnxruntime-genai {og.__version__} is too old (no Generator.set_logits): " \
-                          "pip install -U onnxruntime-genai"
-        return True, ""
 
     @property
     def threads(self) -> int:
         """Torch threads, for the shared sampler only. ONNX Runtime runs the model on its own pool
         (--threads) whose workers spin a while after each run; a second torch thread fighting
-        them made sampling 40 times slower on two cores (43 ms instead of 1 ms a step)."""
+        them slows sampling many times over."""
         return 1
 
     def load(self, progress: bool = True) -> None:
-        import onnxruntime_genai as og
-
-        from jupyter_llm.progress import steps
-        from jupyter_llm.tokenization import Tokenizer, load_tokenizer
-
         options: ONNXOptions = self.options  # type: ignore[assignment]
         if options.precision is not None and options.precision not in PRECISIONS:
             raise ParamError(f"unknown precision {options.precision!r}; accepted: {', '.join(PRECISIONS)}")
@@ -213,8 +192,6 @@ class ONNXBackend(InProcessBackend):
 
     def _model_folder(self, progress: bool) -> Path:
         """The GenAI folder to load: the one given, or the (cached) export of a resolved model."""
-        from jupyter_llm.model_files import resolve_model
-
         options: ONNXOptions = self.options  # type: ignore[assignment]
         if self.model_arg and is_genai_folder(Path(self.model_arg).expanduser()):
             if options.precision is not None:
@@ -228,7 +205,3 @@ class ONNXBackend(InProcessBackend):
         precision = options.precision or DEFAULT_PRECISION
         self.model_name, self.dtype = spec.name, precision
         return export_folder(spec, precision, options.execution_provider, progress, options.export_dir)
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len

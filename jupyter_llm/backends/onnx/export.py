@@ -19,8 +19,11 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from jupyter_llm.errors import BackendError
 from jupyter_llm.model_files import ModelSpec, cache_dir, ensure_hf_folder, file_hash
+from jupyter_llm.progress import steps
 
 PRECISIONS = ("fp32", "int8", "int4")
 PROVIDERS = ("cpu", "cuda")
@@ -42,8 +45,6 @@ def export_metadata(folder: str | Path) -> dict:
 def _local_hf_folder(spec: ModelSpec, progress: bool) -> Path:
     """A folder with config.json and weights: GGUF files are converted (cached), hub ids downloaded."""
     if spec.kind == "hub":
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(spec.path))
     return Path(ensure_hf_folder(spec, progress))
 
@@ -88,8 +89,6 @@ def export_folder(spec: ModelSpec, precision: str, provider: str, progress: bool
 
 def _run_builder(source: Path, output: Path, precision: str, provider: str, builder_cache: Path,
                  progress: bool, description: str) -> None:
-    from jupyter_llm.progress import steps
-
     config = json.loads((source / "config.json").read_text())
     layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(output),

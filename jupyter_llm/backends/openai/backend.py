@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from jupyter_llm.backends.base import Backend, BackendOptions, Capabilities, check_prompt_fits, package_availability
+from jupyter_llm.backends.base import Backend, BackendOptions, Capabilities, check_prompt_fits
 from jupyter_llm.backends.meter import TokenMeter
 from jupyter_llm.backends.openai.resilience import CONNECTION_ERRORS, CircuitBreaker, RetryPolicy, send_with_retries
 from jupyter_llm.backends.openai.wire import (
@@ -42,9 +42,10 @@ from jupyter_llm.backends.openai.wire import (
     sse_payload,
 )
 from jupyter_llm.errors import BackendError, ParamError
+from jupyter_llm.model_files import resolve_model
 from jupyter_llm.output import StopMatcher
 from jupyter_llm.schema import GenerationRequest, Message, TokenEvent, TokenLogprob
-from jupyter_llm.tokenization import Tokenizer
+from jupyter_llm.tokenization import Tokenizer, load_tokenizer
 
 DEFAULT_MAX_MODEL_LEN = 131072  # when neither the server nor --max-model-len says
 _FINISH = {"length": "length", "abort": "cancelled", "cancelled": "cancelled"}
@@ -76,22 +77,16 @@ def normalize_url(url: str) -> str:
 
 def local_tokenizer(name: str) -> Tokenizer:
     """The tokenizer of a model the registry resolves (GGUF: its vocabulary only; HF: tokenizer files)."""
-    from jupyter_llm.model_files import resolve_model
-
     spec = resolve_model(name)
     if spec.is_gguf:
-        from jupyter_llm.gguf_vocab import load_gguf_tokenizer
+        from jupyter_llm.gguf_vocab import load_gguf_tokenizer  # optional: needs llama_cpp, for GGUF files only
 
         return load_gguf_tokenizer(spec.path)
-    from jupyter_llm.tokenization import load_tokenizer
-
     return load_tokenizer(spec.path)
 
 
 class OpenAIBackend(Backend):
     kind = "openai"
-    description = "any OpenAI-compatible server (vLLM, TensorRT-LLM, SGLang, llama.cpp, %llm_serve)"
-    install_hint = "pip install httpx"
     options_class = OpenAIOptions
     capabilities = Capabilities(devices=("remote",))
 
@@ -114,10 +109,6 @@ class OpenAIBackend(Backend):
         self._max_model_len = DEFAULT_MAX_MODEL_LEN
         self._max_model_len_known = False
         self.device = urlsplit(self.url).netloc
-
-    @classmethod
-    def availability(cls) -> tuple[bool, str]:
-        return package_availability(cls.install_hint, "httpx")
 
     # --- life cycle -------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -167,8 +158,6 @@ class OpenAIBackend(Backend):
             return local_tokenizer(explicit)
         # The served model may be a file or folder here (llama-cpp-python serves a path; this
         # project's server names its model in "root"): then its tokenizer is at hand.
-        from jupyter_llm.model_files import resolve_model
-
         for name in (card.get("root"), card["id"]):
             try:
                 if name and resolve_model(name).kind in ("gguf", "hf"):

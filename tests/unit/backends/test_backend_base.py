@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from jupyter_llm.backends import backend_class
+from jupyter_llm.backends import SPECS, backend_availability
 from jupyter_llm.backends.base import check_prompt_fits, missing_packages, package_availability
 from jupyter_llm.errors import ParamError
 
@@ -26,10 +26,9 @@ def test_package_availability_names_what_is_missing_and_the_install_command():
 @pytest.mark.parametrize("kind, package", [("hf", "transformers"), ("llamacpp", "llama_cpp"),
                                            ("onnx", "onnxruntime_genai"), ("openai", "httpx")])
 def test_backends_report_a_missing_package_with_their_install_hint(kind, package, monkeypatch):
-    cls = backend_class(kind)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
-    assert cls.availability() == (False, f"missing {package}: {cls.install_hint}")
+    assert backend_availability(kind) == (False, f"missing {package}: {SPECS[kind].install_hint}")
 
 
 def test_check_prompt_fits_leaves_room_for_one_token():

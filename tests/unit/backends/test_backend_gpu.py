@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from jupyter_llm.backends import backend_class
+from jupyter_llm.backends import backend_availability
 from jupyter_llm.backends.gpu import engine as gpu_engine
 from jupyter_llm.backends.gpu import trtllm, vllm
 from jupyter_llm.errors import BackendError, ParamError
@@ -75,7 +75,7 @@ def test_trtllm_llm_and_kv_cache_arguments():
 def test_a_missing_package_names_the_install_command(kind, package, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
-    ok, reason = backend_class(kind).availability()
+    ok, reason = backend_availability(kind)
     assert not ok and f"pip install 'jupyter-llm[{kind}]'" in reason
     with pytest.raises(BackendError, match=rf"cannot load here: .*jupyter-llm\[{kind}\]"):
         EngineManager().load(kind)
@@ -89,14 +89,14 @@ def test_a_missing_gpu_is_one_line(kind, package, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == package else real(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    ok, reason = backend_class(kind).availability()
+    ok, reason = backend_availability(kind)
     assert not ok and reason == "no NVIDIA GPU is visible (torch.cuda.is_available() is False)"
 
     def broken():
         raise RuntimeError("CUDA driver version is insufficient")
 
     monkeypatch.setattr(torch.cuda, "is_available", broken)
-    ok, reason = backend_class(kind).availability()
+    ok, reason = backend_availability(kind)
     assert not ok and "\n" not in reason and "insufficient" in reason
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from jupyter_llm.backends import backend_availability
 from jupyter_llm.backends.llamacpp import probe as llamacpp_probe
 from jupyter_llm.backends.llamacpp.backend import LlamaCppBackend
 from jupyter_llm.errors import BackendError
@@ -80,7 +81,7 @@ def test_the_manager_refuses_to_load_in_one_line(crashing_build, embedded_model)
         assert m.names() == []
     finally:
         m.shutdown()
-    ok, reason = LlamaCppBackend.availability()
+    ok, reason = backend_availability("llamacpp")
     assert not ok and "SIGILL" in reason
     with pytest.raises(BackendError, match="SIGILL"):  # load() checks too, for direct use
         LlamaCppBackend().load(progress=False)
