@@ -1,6 +1,7 @@
 """EngineManager: one per kernel. It owns an asyncio loop in a daemon thread, keeps
-backends loaded under names, admits requests (bounded), streams their events, folds
-them into Completions, and cancels from any thread.
+backends loaded under names, admits requests (the one bound on requests in flight, which the
+server's --max-queue sets for its own requests), streams their events, folds them into
+Completions (completions.py), and cancels from any thread.
 
 Sync callers (magics, CLI) block on futures of that loop; async callers (server,
 widgets) use `agenerate`/`astream` from their own loop: the work always runs on the
@@ -11,22 +12,19 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import queue
 import threading
-import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jupyter_llm.backends import Backend, backend_class
-from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError
-from jupyter_llm.schema import Completion, GenerationRequest, Message, SamplingParams, TokenEvent
+from jupyter_llm.backends import Backend, backend_availability, backend_class
+from jupyter_llm.completions import CompletionBuilder, Prompt, build_requests
+from jupyter_llm.errors import BackendError, NoBackendError, QueueFullError
+from jupyter_llm.event_stream import EventStream
+from jupyter_llm.schema import Completion, GenerationRequest, SamplingParams, TokenEvent
 
-Prompt = str | list[Message]
 PREFERRED_BACKENDS = ("native", "hf")  # for the embedded model when nothing is loaded
 _JOIN_TIMEOUT_S = 60.0  # at shutdown, the longest wait for a compute thread to finish its step
-
-
 
 
 @dataclass
@@ -45,156 +43,6 @@ class BackendInfo:
     tokens_per_s: float = 0.0
     batching: str = ""  # "continuous", "static" (next batch) or "none" (one at a time)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def build_requests(prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
-                   chat: bool = False, system: str | None = None) -> list[GenerationRequest]:
-    """Requests for one prompt or a batch. With chat, a string becomes a user turn and a list
-    of messages is sent as it is (a multi-turn conversation); `system` goes first."""
-    params = params or SamplingParams()
-    is_conversation = isinstance(prompts, list) and bool(prompts) and all(isinstance(m, dict) for m in prompts)
-    batch: list[Prompt] = [prompts] if isinstance(prompts, str) or is_conversation else list(prompts)
-    if not batch:
-        raise ParamError("no prompt given")
-    requests = []
-    for prompt in batch:
-        if not chat and isinstance(prompt, str):
-            requests.append(GenerationRequest(prompt=prompt, params=params))
-            continue
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if system and not (messages and messages[0].get("role") == "system"):
-            messages = [{"role": "system", "content": system}] + messages
-        requests.append(GenerationRequest(messages=messages, params=params))
-    return requests
-
-
-class CompletionBuilder:
-    """Folds the events of several requests into Completions, timing them where they arrive."""
-
-    def __init__(self, requests: list[GenerationRequest], backend: str, model: str):
-        self.started = time.monotonic()
-        self._slots: dict[tuple[str, int], Completion] = {}
-        self._order: list[tuple[str, int]] = []
-        for prompt_index, request in enumerate(requests):
-            for index in range(request.params.n):
-                key = (request.id, index)
-                self._order.append(key)
-                self._slots[key] = Completion(text="", token_ids=[], prompt_tokens=0, finish_reason="",
-                                              prompt_index=prompt_index, index=index, request_id=request.id,
-                                              backend=backend, model=model,
-                                              logprobs=[] if request.params.logprobs is not None else None)
-
-    def add(self, event: TokenEvent) -> None:
-        c = self._slots[(event.request_id, event.index)]
-        now = event.timestamp - self.started
-        if event.token_ids:
-            if c.timings.ttft is None:
-                c.timings.ttft = now
-            c.timings.token_times.extend([now] * len(event.token_ids))
-            c.token_ids.extend(event.token_ids)
-        c.text += event.text
-        if event.logprobs and c.logprobs is not None:
-            c.logprobs.extend(event.logprobs)
-        if event.finish_reason is not None:
-            c.finish_reason = event.finish_reason
-            c.error = event.error
-            c.stop_reason = event.stop_reason
-            c.prompt_tokens = event.prompt_tokens or c.prompt_tokens
-            c.timings.total = now
-
-    def cancel_unfinished(self) -> None:
-        now = time.monotonic() - self.started
-        for c in self._slots.values():
-            if not c.finish_reason:
-                c.finish_reason, c.timings.total = "cancelled", now
-
-    @property
-    def done(self) -> bool:
-        return all(c.finish_reason for c in self._slots.values())
-
-    def completions(self) -> list[Completion]:
-        """In prompt order, the n samples of a prompt next to each other."""
-        return [self._slots[key] for key in self._order]
-
-
-class EventStream:
-    """A sync iterator over the events of a batch of requests, running on the manager's loop.
-
-    Iterating blocks until the next event; `cancel()` (or a KeyboardInterrupt while
-    iterating) stops every request inside its backend. `completions` holds the results,
-    also partial ones after a cancel.
-    """
-
-    _END = object()
-
-    def __init__(self, manager: EngineManager, requests: list[GenerationRequest], backend: str | None):
-        self.manager = manager
-        self.requests = requests
-        self._events: queue.Queue[Any] = queue.Queue()
-        target = manager.get(backend)
-        self.builder = CompletionBuilder(requests, target.kind, target.model_name)
-        self.backend_name = manager.resolve_name(backend)
-        self._started = False  # the pump's body ran (a pump cancelled before its first step never does)
-        self._finished = threading.Event()  # set by a started pump once its requests have left the manager
-        self._future = manager.submit(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            self._started = True
-            async for event in self.manager.astream(self.requests, backend=self.backend_name):
-                self._events.put(event)
-        except BaseException as error:  # handed to the iterating thread
-            self._events.put(error)
-        finally:
-            self._events.put(self._END)
-            self._finished.set()
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        return self
-
-    def __next__(self) -> TokenEvent:
-        try:
-            item = self._events.get()
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
-        if item is self._END:
-            self._events.put(self._END)
-            raise StopIteration
-        if isinstance(item, BaseException):
-            if isinstance(item, asyncio.CancelledError):
-                raise StopIteration
-            raise item
-        self.builder.add(item)
-        return item
-
-    def cancel(self, timeout: float = 30.0) -> None:
-        """Stop every request of this stream and keep what was generated. Returns once its
-        requests have left the manager, so their admission slots are free for the next call
-        (waits at most `timeout` s; never waits when called on the manager's own loop)."""
-        self._future.cancel()
-        self.builder.cancel_unfinished()
-        if threading.current_thread() is self.manager._thread or not self.manager.loop.is_running():
-            return
-        # The loop runs callbacks in order: once it has run this one, the pump has either
-        # started (and is unwinding its requests) or never will.
-        barrier = threading.Event()
-        self.manager.loop.call_soon_threadsafe(barrier.set)
-        if barrier.wait(timeout) and self._started:
-            self._finished.wait(timeout)
-
-    def close(self) -> None:
-        if not self.builder.done:
-            self.cancel()
-
-    @property
-    def completions(self) -> list[Completion]:
-        return self.builder.completions()
-
-    def wait(self) -> list[Completion]:
-        for _ in self:
-            pass
-        return self.completions
 
 
 class EngineManager:
@@ -234,11 +82,10 @@ class EngineManager:
         """Load a model on a backend kind under a name (default: the kind) and make it the default.
         Options are the backend's, with underscores (max_num_seqs=..., threads=...)."""
         name = name or backend
-        cls = backend_class(backend)
-        ok, reason = cls.availability()
+        ok, reason = backend_availability(backend)  # before importing the module: it needs the packages
         if not ok:
             raise BackendError(f"backend {backend!r} cannot load here: {reason}")
-        instance = cls(model, **options)
+        instance = backend_class(backend)(model, **options)
         instance.load(progress=progress)
         old = self._backends.get(name)
         if old is not None:
@@ -249,8 +96,8 @@ class EngineManager:
             self._default = name
         return self.info(name)
 
-    def load_default(self, progress: bool = True) -> BackendInfo:
-        """The embedded model on the best backend that loads here (native, else hf)."""
+    def load_default(self, progress: bool = True, **options: Any) -> BackendInfo:
+        """The embedded model on the best backend that loads here (native, else hf), with the options."""
         from jupyter_llm.backends import available_backends
 
         loadable = {b.kind for b in available_backends() if b.available}
@@ -258,7 +105,7 @@ class EngineManager:
         if kind is None:
             raise BackendError("none of the backends that run the embedded model can load here; "
                                "see jupyter_llm.available_backends()")
-        return self.load(kind, progress=progress)
+        return self.load(kind, progress=progress, **options)
 
     def unload(self, name: str | None = None) -> None:
         name = self.resolve_name(name)
@@ -306,22 +153,24 @@ class EngineManager:
         return [self.info(name) for name in list(self._backends)]
 
     # --- generation -----------------------------------------------------------------------
-    async def astream(self, requests: list[GenerationRequest], backend: str | None = None
-                      ) -> AsyncIterator[TokenEvent]:
+    async def astream(self, requests: list[GenerationRequest], backend: str | None = None,
+                      max_queue: int | None = None) -> AsyncIterator[TokenEvent]:
         """Events of several requests merged as they arrive (each tagged with its prompt index).
-        Callable from any event loop; the work runs on the manager's loop."""
+        Callable from any event loop; the work runs on the manager's loop. Each request is
+        prepared by the backend once (one the backend prepared already is not checked again);
+        `max_queue` bounds the requests in flight for this caller (default: the manager's)."""
         if asyncio.get_running_loop() is not self._loop:
-            async for event in self._bridge(requests, backend):
+            async for event in self._bridge(requests, backend, max_queue):
                 yield event
             return
         name = self.resolve_name(backend)
         target = self._backends[name]
-        for request in requests:
-            target.check_request(request)
+        requests = [target.prepare(request) for request in requests]
+        limit = self.max_queue if max_queue is None else max_queue
         with self._lock:
-            if len(self._inflight) + len(requests) > self.max_queue:
-                raise QueueFullError(f"too many requests in flight ({len(self._inflight)}; "
-                                     f"the limit is {self.max_queue}); retry later")
+            if len(self._inflight) + len(requests) > limit:
+                raise QueueFullError(f"busy: {len(self._inflight)} requests in flight, the limit is {limit}; "
+                                     "retry later")
         merged: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
 
         async def pump(prompt_index: int, request: GenerationRequest) -> None:
@@ -366,7 +215,8 @@ class EngineManager:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _bridge(self, requests: list[GenerationRequest], backend: str | None) -> AsyncIterator[TokenEvent]:
+    async def _bridge(self, requests: list[GenerationRequest], backend: str | None,
+                      max_queue: int | None) -> AsyncIterator[TokenEvent]:
         """astream for a caller on another loop: run on the manager's loop, hand events over."""
         caller = asyncio.get_running_loop()
         handoff: asyncio.Queue[Any] = asyncio.Queue()
@@ -374,7 +224,7 @@ class EngineManager:
 
         async def run() -> None:
             try:
-                async for event in self.astream(requests, backend):
+                async for event in self.astream(requests, backend, max_queue):
                     caller.call_soon_threadsafe(handoff.put_nowait, event)
             except BaseException as error:
                 caller.call_soon_threadsafe(handoff.put_nowait, error)

@@ -89,7 +89,7 @@ class StopMatcher:
         if not self.stops:
             self.pending = ""
             return buffer, None
-        if any([automaton.feed(text) for automaton in self._automata]):  # a list: every automaton advances
+        if any([automaton.feed(text) for automaton in self._automata]):  # noqa: C419 (a list: every automaton advances)
             # Some stop string ends inside `buffer` (the held text plus `text`): the one that starts first wins.
             index, stop = min((buffer.find(s), s) for s in self.stops if s in buffer)
             self.pending = ""
@@ -104,9 +104,13 @@ class StopMatcher:
         text, self.pending = self.pending, ""
         return text
 
+
 class SampleOutputProcessor:
     """Turns the sampled ids of one sample into TokenEvents: end-of-sequence, max_tokens,
-    the context limit, detokenizing and stop strings, all in one place."""
+    the context limit, detokenizing and stop strings, all in one place.
+
+    The ids themselves live in the engine's sequence (which may run ahead of the events, by the
+    accepted guesses of a speculative step): this counts the tokens it has emitted."""
 
     def __init__(self, tokenizer: Tokenizer, request_id: str, index: int, params: SamplingParams,
                  prompt_ids: list[int], max_model_len: int):
@@ -118,7 +122,7 @@ class SampleOutputProcessor:
         self.max_model_len = max_model_len
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop_matcher = StopMatcher(params.stop)
-        self.output_ids: list[int] = []
+        self.num_emitted = 0  # output tokens sent in events
         self.finish_reason: str | None = None
 
     @property
@@ -136,7 +140,7 @@ class SampleOutputProcessor:
         event = TokenEvent(self.request_id, self.index)
         if token_id in self.tokenizer.eos_token_ids and not self.params.ignore_eos:
             return self._finish(event, "stop")
-        self.output_ids.append(token_id)
+        self.num_emitted += 1
         event.token_ids = [token_id]
         if logprob is not None:
             event.logprobs = [self._logprob(token_id, logprob)]
@@ -145,7 +149,7 @@ class SampleOutputProcessor:
         if stop is not None:
             event.stop_reason = stop
             return self._finish(event, "stop")
-        generated = len(self.output_ids)
+        generated = self.num_emitted
         if generated >= self.params.max_tokens or self.prompt_len + generated >= self.max_model_len:
             tail, _ = self.stop_matcher.feed(self.detokenizer.flush())
             event.text += tail + self.stop_matcher.flush()

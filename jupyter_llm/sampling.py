@@ -18,12 +18,15 @@ _SEED_STRIDE = 1_000_003  # sample j > 0 of a seeded request uses seed + j * str
 
 
 class SamplingState:
-    """Per-sequence sampler state: parameters, generator and token counts for penalties."""
+    """Per-sequence sampler state: parameters, generator and token counts for penalties.
 
-    def __init__(self, params: SamplingParams, prompt_token_ids: list[int], sample_index: int = 0):
+    `token_ids` is the sequence's own list (prompt, then output), read here and extended by
+    `append`: the state keeps no copy of the tokens, only the penalty tensors derived from them."""
+
+    def __init__(self, params: SamplingParams, token_ids: list[int], sample_index: int = 0):
         self.params = params
-        self.prompt_token_ids = list(prompt_token_ids)
-        self.output_token_ids: list[int] = []
+        self.token_ids = token_ids
+        self.num_prompt_tokens = len(token_ids)  # what the list holds now is the prompt
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator()
@@ -32,7 +35,7 @@ class SamplingState:
         self._prompt_mask: torch.Tensor | None = None
 
     def append(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
         if self._output_counts is not None:
             self._output_counts[token_id] += 1
 
@@ -40,11 +43,11 @@ class SamplingState:
         """(output token counts [V], prompt-or-output mask [V]); built once, then kept up to date."""
         if self._output_counts is None or self._output_counts.numel() != vocab_size:
             counts = torch.zeros(vocab_size)
-            ids = [t for t in self.output_token_ids if t < vocab_size]
+            ids = [t for t in self.token_ids[self.num_prompt_tokens:] if t < vocab_size]
             if ids:
                 counts.index_add_(0, torch.tensor(ids), torch.ones(len(ids)))
             prompt_mask = torch.zeros(vocab_size, dtype=torch.bool)
-            prompt_ids = [t for t in self.prompt_token_ids if t < vocab_size]
+            prompt_ids = [t for t in self.token_ids[:self.num_prompt_tokens] if t < vocab_size]
             if prompt_ids:
                 prompt_mask[torch.tensor(prompt_ids)] = True
             self._output_counts, self._prompt_mask = counts, prompt_mask

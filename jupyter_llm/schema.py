@@ -1,7 +1,8 @@
 """Plain data shared by every entry point and backend: no torch here.
 
-A request goes in as a `GenerationRequest`; a backend answers with a stream of
-`TokenEvent`s, and the manager folds those into one `Completion` per sample.
+A request goes in as a `GenerationRequest` (a `PreparedRequest` once a backend checked it); a
+backend answers with a stream of `TokenEvent`s, and the manager folds those into one
+`Completion` per sample.
 """
 from __future__ import annotations
 
@@ -154,6 +155,23 @@ class GenerationRequest:
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+
+@dataclass
+class PreparedRequest(GenerationRequest):
+    """A request that one backend has checked (`Backend.prepare`), carrying its prompt's token ids
+    where that backend tokenizes here. The manager and the backend's `generate` run it as it is:
+    a request is validated and tokenized once, where it enters, whoever passes it on."""
+
+    backend: Any = field(default=None, repr=False, compare=False)  # the Backend that checked it
+
+    @classmethod
+    def of(cls, request: GenerationRequest, backend: Any, prompt_token_ids: list[int] | None = None
+           ) -> PreparedRequest:
+        """`request` (same id) as checked by `backend`, with its prompt ids (default: the ones it carries)."""
+        ids = request.prompt_token_ids if prompt_token_ids is None else prompt_token_ids
+        return cls(prompt=request.prompt, messages=request.messages, params=request.params, id=request.id,
+                   prompt_token_ids=ids, backend=backend)
 
 
 @dataclass

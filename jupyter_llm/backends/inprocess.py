@@ -1,5 +1,6 @@
-"""The machinery shared by in-process engines (hf, native): a compute thread that steps a
-`StepEngine`, the per-sample output processing, and the bridge to asyncio.
+"""The machinery shared by in-process engines (hf, native, onnx, llamacpp): a compute thread
+that steps a `StepEngine` over `EngineSequence`s, the per-sample output processing, and the
+bridge to asyncio.
 
 The compute thread owns the engine: requests and cancellations reach it through a
 locked inbox, and events go back to each request's asyncio queue with
@@ -9,55 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from jupyter_llm.backends.base import Backend, check_prompt_fits
+from jupyter_llm.backends.sequence import EngineSequence
+from jupyter_llm.backends.tokenizer_api import TokenizerServices
 from jupyter_llm.errors import ParamError
 from jupyter_llm.output import SampleOutputProcessor
-from jupyter_llm.sampling import SamplingState
-from jupyter_llm.schema import GenerationRequest, Message, TokenEvent
+from jupyter_llm.schema import GenerationRequest, PreparedRequest, TokenEvent
 from jupyter_llm.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
-_seq_ids = itertools.count()
 
 LogprobEntry = tuple[float, list[int], list[float]]
-
-
-class EngineSequence:
-    """One sample of one request inside an in-process engine."""
-
-    def __init__(self, request: GenerationRequest, index: int, prompt_ids: list[int],
-                 processor: SampleOutputProcessor, sink: Callable[[TokenEvent], None]):
-        self.seq_id = next(_seq_ids)
-        self.request_id = request.id
-        self.index = index
-        self.params = request.params
-        self.prompt_ids = prompt_ids
-        self.sampling = SamplingState(request.params, prompt_ids, index)
-        self.processor = processor
-        self.sink = sink
-        self.arrival = time.monotonic()
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.sampling.output_token_ids
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.sampling.output_token_ids
-
-    @property
-    def finished(self) -> bool:
-        return self.processor.finished
 
 
 class StepEngine(ABC):
@@ -88,7 +60,7 @@ class StepEngine(ABC):
         return {}
 
 
-class InProcessBackend(Backend):
+class InProcessBackend(TokenizerServices, Backend):
     """A backend whose engine steps in a compute thread of this process."""
 
     tokenizer: Tokenizer
@@ -134,29 +106,22 @@ class InProcessBackend(Backend):
             self._thread.join(timeout)
         return self._thread is None or not self._thread.is_alive()
 
-    # --- tokenizer services -----------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def apply_chat_template(self, messages: list[Message]) -> str:
-        return self.tokenizer.apply_chat_template(messages)
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self.tokenizer.eos_token_ids
-
     # --- generation -------------------------------------------------------------------
-    def prepare(self, request: GenerationRequest) -> list[int]:
-        """Validate a request and return its prompt ids (raises ParamError)."""
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Check a request and tokenize its prompt (raises ParamError): the request with its prompt
+        ids. One this backend prepared already comes back as it is, so nothing runs twice."""
+        if isinstance(request, PreparedRequest) and request.backend is self:
+            return request
         self.check_request(request)
         prompt_ids = self.tokenizer.prompt_ids(request)
         if not prompt_ids:
             raise ParamError("the prompt is empty")
         check_prompt_fits(len(prompt_ids), self.max_model_len)
-        return prompt_ids
+        return PreparedRequest.of(request, self, prompt_ids)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        prompt_ids = self.prepare(request)
+        request = self.prepare(request)
+        prompt_ids = request.prompt_token_ids
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
@@ -167,8 +132,8 @@ class InProcessBackend(Backend):
                 pass
 
         seqs = [EngineSequence(request, i, prompt_ids,
-                         SampleOutputProcessor(self.tokenizer, request.id, i, request.params, prompt_ids,
-                                               self.max_model_len), sink)
+                               SampleOutputProcessor(self.tokenizer, request.id, i, request.params, prompt_ids,
+                                                     self.max_model_len), sink)
                 for i in range(request.params.n)]
         self._post("add", seqs)
         remaining = len(seqs)
@@ -244,7 +209,7 @@ class InProcessBackend(Backend):
         import torch
 
         # torch's intra-op thread count is process-wide: each engine sets its own before each
-        # step (a few microseconds), so loading a second backend never changes the first's.
+        # step (cheap), so loading a second backend never changes the first's.
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         self.step_threads = torch.get_num_threads()

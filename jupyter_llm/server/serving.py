@@ -1,9 +1,11 @@
 """From an OpenAI request to the manager's GenerationRequests and back.
 
 Everything that can be refused is refused before a byte of the answer goes out: the model,
-the sampling parameters, the context length (tokenized with the backend's tokenizer),
-the backend's capabilities, and admission. A stream starts once its first event arrived,
-so that even errors raised inside the backend get a proper status code. A client that goes
+the sampling parameters, the context length (tokenized with the backend's tokenizer, once:
+the prompt ids travel down with the request), the backend's capabilities (checked once, by
+`Backend.prepare`), and admission (the manager's bound, which --max-queue sets). A stream
+starts once its first event arrived, so that even errors raised inside the backend get a
+proper status code. A client that goes
 away cancels its requests inside the backend (sse-starlette notices it while streaming;
 a watcher on `receive` notices it otherwise).
 """
@@ -25,9 +27,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from jupyter_llm.backends.base import Backend
+from jupyter_llm.completions import CompletionBuilder
 from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError
-from jupyter_llm.manager import CompletionBuilder
-from jupyter_llm.schema import Completion, GenerationRequest, SamplingParams, TokenEvent
+from jupyter_llm.schema import Completion, GenerationRequest, PreparedRequest, SamplingParams, TokenEvent
 from jupyter_llm.server.metrics import RequestTracker, ServerMetrics
 from jupyter_llm.server.protocol import (
     APIError,
@@ -37,6 +39,7 @@ from jupyter_llm.server.protocol import (
     CompletionShape,
     SamplingFields,
     usage,
+    user_error,
 )
 from jupyter_llm.server.settings import ServerSettings
 
@@ -59,7 +62,7 @@ class Job:
     shape: CompletionShape | ChatShape
     backend: Backend
     name: str  # the backend's name in the manager, echoed as `model`
-    requests: list[GenerationRequest]
+    requests: list[PreparedRequest]
     n: int
     stream: bool
     include_usage: bool
@@ -78,26 +81,12 @@ class Job:
         return usage(prompt, sum(c.completion_tokens for c in completions))
 
 
-def param_error(error: ParamError) -> APIError:
-    """A ParamError as a 400, naming the parameter when the message starts with it."""
-    message = str(error)
-    first = message.split(" ", 1)[0]
-    known = set(SamplingFields.model_fields) | {"max_tokens", "logprobs", "top_logprobs", "prompt", "messages"}
-    return APIError(400, message, param=first if first in known else None, code="invalid_value")
-
-
 def backend_failure(error: BaseException) -> APIError:
     """An exception from the manager or a backend as the answer's status."""
     if isinstance(error, APIError):
         return error
-    if isinstance(error, ParamError):
-        return param_error(error)
-    if isinstance(error, QueueFullError):
-        return APIError(503, str(error), type="server_error", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(error, NoBackendError):
-        return APIError(404, str(error), param="model", code="model_not_found")
-    if isinstance(error, BackendError):
-        return APIError(500, str(error), type="server_error", code="backend_error")
+    if isinstance(error, (ParamError, QueueFullError, BackendError)):
+        return user_error(error)
     log.error("generation failed", exc_info=error)
     return APIError(500, "The server had an error while processing your request", type="server_error")
 
@@ -156,11 +145,11 @@ class StreamResponse(EventSourceResponse):
 
 
 class Generation:
-    """The two generation endpoints of one app, and its admission (a bound on prompts in flight)."""
+    """The two generation endpoints of one app. Admission is the manager's, bounded by --max-queue."""
 
     def __init__(self, manager: Any, settings: ServerSettings, metrics: ServerMetrics):
         self.manager, self.settings, self.metrics = manager, settings, metrics
-        self.inflight: set[str] = set()  # ids of this server's GenerationRequests
+        self.inflight: set[str] = set()  # ids of this server's requests in flight (cancelled at shutdown)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -185,11 +174,11 @@ class Generation:
             raise APIError(400, "best_of is not supported by this server (use n)", param="best_of",
                            code="unsupported")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        lengths = [self._count(lambda p=p: backend.tokenize(p), "prompt") for p in prompts]
-        params = self._params(body, backend, lengths, ("max_tokens", body.max_tokens), COMPLETION_DEFAULT_MAX_TOKENS,
-                              body.logprobs)
+        ids = [self._tokenize(backend, GenerationRequest(prompt=p), "prompt") for p in prompts]
+        params = self._params(body, backend, [len(i) for i in ids], ("max_tokens", body.max_tokens),
+                              COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs)
         return self._job(CompletionShape(), name, backend, body,
-                         [GenerationRequest(prompt=p, params=params) for p in prompts])
+                         [GenerationRequest(prompt=p, params=params, prompt_token_ids=i) for p, i in zip(prompts, ids)])
 
     def _chat_job(self, body: ChatRequest) -> Job:
         name, backend = self._backend(body.model)
@@ -202,12 +191,13 @@ class Generation:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
                     for i, m in enumerate(body.messages)]
-        length = self._count(lambda: backend.tokenize(backend.apply_chat_template(messages)), "messages")
+        ids = self._tokenize(backend, GenerationRequest(messages=messages), "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         limit = ("max_completion_tokens", body.max_completion_tokens) if body.max_completion_tokens is not None \
             else ("max_tokens", body.max_tokens)
-        params = self._params(body, backend, [length], limit, None, logprobs)
-        return self._job(ChatShape(), name, backend, body, [GenerationRequest(messages=messages, params=params)])
+        params = self._params(body, backend, [len(ids)], limit, None, logprobs)
+        return self._job(ChatShape(), name, backend, body,
+                         [GenerationRequest(messages=messages, params=params, prompt_token_ids=ids)])
 
     def _job(self, shape: CompletionShape | ChatShape, name: str, backend: Backend, body: SamplingFields,
              requests: list[GenerationRequest]) -> Job:
@@ -216,13 +206,15 @@ class Generation:
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                            code="invalid_value")
-        for r in requests:
-            try:
-                backend.check_request(r)
-            except ParamError as error:
-                raise param_error(error) from None
+        if len(requests) > self.settings.max_queue:
+            raise APIError(400, f"{len(requests)} prompts in one request; this server admits at most "
+                                f"{self.settings.max_queue} at once", param="prompt", code="invalid_value")
+        try:
+            prepared = [backend.prepare(r) for r in requests]
+        except ParamError as error:
+            raise user_error(error) from None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Job(shape, backend, name, requests, requests[0].params.n, bool(body.stream), include_usage)
+        return Job(shape, backend, name, prepared, prepared[0].params.n, bool(body.stream), include_usage)
 
     def _backend(self, model: str | None) -> tuple[str, Backend]:
         names = self.manager.names()
@@ -251,14 +243,15 @@ class Generation:
             raise backend_failure(error) from None
 
     @staticmethod
-    def _count(tokenize: Any, param: str) -> int:
+    def _tokenize(backend: Backend, request: GenerationRequest, param: str) -> list[int]:
+        """The request's prompt ids by the backend's tokenizer: counted here, then handed down."""
         try:
-            length = len(tokenize())
+            ids = backend.prompt_ids(request)
         except Exception as error:  # e.g. lone surrogates, a chat template that refuses the roles
             raise APIError(400, f"cannot tokenize the {param}: {error}", param=param, code="invalid_value") from None
-        if length == 0:
+        if not ids:
             raise APIError(400, f"the {param} is empty", param=param, code="invalid_value")
-        return length
+        return ids
 
     def _params(self, body: SamplingFields, backend: Backend, lengths: list[int], limit: tuple[str, int | None],
                 default: int | None, logprobs: int | None) -> SamplingParams:
@@ -283,40 +276,27 @@ class Generation:
         try:
             return SamplingParams(**values)
         except ParamError as error:
-            raise param_error(error) from None
+            raise user_error(error) from None
 
     # --- running ---------------------------------------------------------------------------
-    def _admit(self, job: Job) -> None:
-        wanted, limit = len(job.requests), self.settings.max_queue
-        if wanted > limit:
-            raise APIError(400, f"{wanted} prompts in one request; this server admits at most {limit} at once",
-                           param="prompt", code="invalid_value")
-        if len(self.inflight) + wanted > limit:
-            raise APIError(503, f"The server is busy ({len(self.inflight)} prompts in flight, the limit is "
-                                f"{limit}); retry later", type="server_error", code="queue_full",
-                           headers={"Retry-After": "1"})
-        self.inflight.update(r.id for r in job.requests)
-
-    def _release(self, job: Job) -> None:
-        self.inflight.difference_update(r.id for r in job.requests)
-
     async def _run(self, job: Job, request: Request) -> Response:
-        self._admit(job)
+        self.inflight.update(r.id for r in job.requests)
         tracker = self.metrics.tracker(job.name)
         builder = CompletionBuilder(job.requests, job.backend.kind, job.backend.model_name)
-        stream = self.manager.astream(job.requests, job.name)
+        stream = self.manager.astream(job.requests, job.name, max_queue=self.settings.max_queue)
         closed = False
 
-        async def close(outcome: str | None) -> None:
+        async def close(outcome: str | None, admitted: bool = True) -> None:
             nonlocal closed
             if closed:
                 return
             closed = True
             await stream.aclose()
-            self._release(job)
-            tracker.finished(builder.completions(), job.usage(builder.completions())["prompt_tokens"])
-            if outcome is not None:
-                self.metrics.error(outcome)
+            self.inflight.difference_update(r.id for r in job.requests)
+            if admitted:  # a request the queue refused is counted once, as its 503
+                tracker.finished(builder.completions(), job.usage(builder.completions())["prompt_tokens"])
+                if outcome is not None:
+                    self.metrics.error(outcome)
 
         try:
             if job.stream:
@@ -331,7 +311,7 @@ class Generation:
             return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
         except BaseException as error:
             failure = backend_failure(error) if isinstance(error, Exception) else None
-            await close(failure.code if failure else "cancelled")
+            await close(failure.code if failure else "cancelled", admitted=not isinstance(error, QueueFullError))
             if failure is None:
                 raise
             raise failure from None
@@ -393,7 +373,7 @@ class Generation:
         state["outcome"] = None
 
 
-INLINE_TOKENIZE_CHARS = 16_000  # shorter prompts tokenize in well under a millisecond
+INLINE_TOKENIZE_CHARS = 16_000  # shorter prompts tokenize too fast to be worth a worker thread
 
 
 async def _validate(make_job: Any, body: SamplingFields, text_size: int) -> Job:

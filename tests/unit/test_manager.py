@@ -6,8 +6,9 @@ import time
 
 import pytest
 
+from jupyter_llm.completions import build_requests
 from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError
-from jupyter_llm.manager import EngineManager, build_requests
+from jupyter_llm.manager import EngineManager
 from jupyter_llm.schema import SamplingParams
 
 
@@ -76,6 +77,55 @@ def test_admission_queue_is_bounded(tiny_llama):
         m.shutdown()
 
 
+def test_a_request_is_checked_and_tokenized_once(manager, tiny_hf, monkeypatch):
+    backend = manager.get(tiny_hf)
+    calls = {"check": 0, "tokenize": 0}
+    check, prompt_ids = backend.check_request, backend.tokenizer.prompt_ids
+
+    def counted_check(request):
+        calls["check"] += 1
+        check(request)
+
+    def counted_ids(request):
+        calls["tokenize"] += 1
+        return prompt_ids(request)
+
+    monkeypatch.setattr(backend, "check_request", counted_check)
+    monkeypatch.setattr(backend.tokenizer, "prompt_ids", counted_ids)
+    [prepared] = [backend.prepare(r) for r in build_requests("Hello", SamplingParams(max_tokens=2))]
+    assert prepared.prompt_token_ids and backend.prepare(prepared) is prepared
+    [c] = asyncio.run(_collect(manager, [prepared], tiny_hf))
+    assert c.completion_tokens == 2 and calls == {"check": 1, "tokenize": 1}
+    assert manager.generate("Hello", SamplingParams(max_tokens=2), backend=tiny_hf)[0].completion_tokens == 2
+    assert calls == {"check": 2, "tokenize": 2}  # a plain request: prepared by the manager, once
+
+
+async def _collect(manager, requests, backend):
+    from jupyter_llm.completions import CompletionBuilder
+
+    builder = CompletionBuilder(requests, "hf", "")
+    async for event in manager.astream(requests, backend):
+        builder.add(event)
+    return builder.completions()
+
+
+def test_a_caller_bound_on_requests_in_flight(manager, tiny_hf):
+    long = SamplingParams(max_tokens=2000, ignore_eos=True, temperature=0)
+    stream = manager.stream(["a"], long, backend=tiny_hf)
+    try:
+        next(stream)
+
+        async def one_more(limit):
+            async for _ in manager.astream(build_requests("b", SamplingParams(max_tokens=1)), tiny_hf, limit):
+                pass
+
+        with pytest.raises(QueueFullError, match="busy: 1 requests in flight, the limit is 1"):
+            asyncio.run(one_more(1))
+        asyncio.run(one_more(None))  # the manager's own bound (256) admits it
+    finally:
+        stream.cancel()
+
+
 def test_stats_count_tokens(manager, tiny_hf):
     before = manager.get(tiny_hf).stats()["tokens_generated"]
     manager.generate(["a", "b"], SamplingParams(max_tokens=4, ignore_eos=True), backend=tiny_hf)
@@ -86,7 +136,7 @@ def test_stats_count_tokens(manager, tiny_hf):
 def test_async_api_from_another_event_loop(manager, tiny_hf):
     async def main():
         events = []
-        from jupyter_llm.manager import build_requests as br
+        from jupyter_llm.completions import build_requests as br
 
         async for event in manager.astream(br("Hello", SamplingParams(max_tokens=3, ignore_eos=True)), tiny_hf):
             events.append(event)

@@ -78,7 +78,8 @@ def test_processor_stops_on_eos_length_and_stop_strings(tokenizer):
     assert "".join(out) == " Paris" and event.stop_reason == ". H"
 
     p = SampleOutputProcessor(tokenizer, "r", 0, SamplingParams(ignore_eos=True, max_tokens=3), [1], 512)
-    assert p.append(eos).finish_reason is None and p.output_ids == [eos]
+    event = p.append(eos)
+    assert event.finish_reason is None and event.token_ids == [eos] and p.num_emitted == 1
 
 
 def test_context_limit_ends_with_length(tokenizer):

@@ -29,8 +29,9 @@ chunk of 1 + K tokens, within the token budget; the guesses are dropped before a
 preempted for them), and `commit` takes the tokens each sequence emitted, keeps the K/V of
 the accepted guesses and truncates the blocks of the rejected ones.
 
-The scheduler works on any object with `seq_id`, `prompt_ids` and `output_ids` (the engine's
-`Sequence`); it keeps its own copy of each sequence's tokens, extended by `commit`.
+The scheduler schedules the engine's sequences themselves (`EngineSequence`, which owns the
+tokens): it reads `seq.token_ids`, which the sampler extends, and keeps its bookkeeping on the
+sequence (`status`, `arrival`, `num_computed_tokens`), as nano-vllm's does.
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from operator import attrgetter
 
 from jupyter_llm.backends.native.kv_cache import BlockManager
+from jupyter_llm.backends.sequence import EngineSequence, SequenceStatus
 
 
 @dataclass
@@ -57,37 +59,20 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-class _Entry:
-    """The scheduler's record of one sequence."""
-
-    __slots__ = ("num_computed", "order", "running", "seq", "seq_id", "tokens")
-
-    def __init__(self, seq: Any, order: int) -> None:
-        self.seq = seq
-        self.seq_id = seq.seq_id
-        self.tokens: list[int] = list(seq.prompt_ids) + list(seq.output_ids)
-        self.num_computed = 0  # tokens whose K/V are in this sequence's blocks
-        self.order = order  # arrival order: lower is older
-        self.running = False
-
-    def __lt__(self, other: _Entry) -> bool:
-        return self.order < other.order
-
-
 @dataclass
 class ScheduledChunk:
     """Compute tokens[start:end] of a sequence in this step."""
 
-    seq: Any
-    tokens: list[int]  # the sequence's tokens (the scheduler's list: read, don't modify)
+    seq: EngineSequence
     start: int
     end: int
+    samples: bool  # the chunk reaches the sequence's last token (when scheduled): its logits give the next one
     guesses: list[int] = field(default_factory=list)  # speculative tokens computed after tokens[end - 1]
 
     @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the sequence's last token, so its logits give the next one."""
-        return self.end == len(self.tokens)
+    def tokens(self) -> list[int]:
+        """The sequence's tokens (its own list: read, don't modify)."""
+        return self.seq.token_ids
 
     @property
     def num_tokens(self) -> int:
@@ -96,14 +81,14 @@ class ScheduledChunk:
     @property
     def token_ids(self) -> list[int]:
         """The tokens this chunk computes."""
-        return self.tokens[self.start:self.end] + self.guesses
+        return self.seq.token_ids[self.start:self.end] + self.guesses
 
 
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Any] = field(default_factory=list)  # sequences preempted while scheduling
-    admitted: list[Any] = field(default_factory=list)  # sequences that started (or restarted) in this step
+    preempted: list[EngineSequence] = field(default_factory=list)  # sequences preempted while scheduling
+    admitted: list[EngineSequence] = field(default_factory=list)  # sequences that started (or restarted) now
 
     @property
     def num_tokens(self) -> int:
@@ -116,9 +101,8 @@ class Scheduler:
     def __init__(self, blocks: BlockManager, config: SchedulerConfig) -> None:
         self.blocks = blocks
         self.config = config
-        self.waiting: deque[_Entry] = deque()
-        self.running: list[_Entry] = []  # sorted by arrival order
-        self._entries: dict[int, _Entry] = {}
+        self.waiting: deque[EngineSequence] = deque()
+        self.running: list[EngineSequence] = []  # sorted by arrival order
         self._order = itertools.count()
         self.num_preemptions = 0
         self._watermark_blocks = max(1, int(config.watermark * blocks.num_total_blocks())) if config.watermark else 0
@@ -132,41 +116,32 @@ class Scheduler:
         """(running, waiting) sequences."""
         return len(self.running), len(self.waiting)
 
-    def __contains__(self, seq: Any) -> bool:
-        return seq.seq_id in self._entries
+    def __contains__(self, seq: EngineSequence) -> bool:
+        return seq.status is not None
 
-    def num_computed(self, seq: Any) -> int:
-        return self._entries[seq.seq_id].num_computed
-
-    def tokens(self, seq: Any) -> list[int]:
-        return self._entries[seq.seq_id].tokens
-
-    def decoding(self) -> list[tuple[Any, list[int]]]:
+    def decoding(self) -> list[tuple[EngineSequence, list[int]]]:
         """(sequence, its tokens) of the running sequences whose next step is a decode."""
-        return [(e.seq, e.tokens) for e in self.running if len(e.tokens) - e.num_computed == 1]
+        return [(s, s.token_ids) for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def add(self, seq: Any) -> None:
-        if seq.seq_id in self._entries:
+    def add(self, seq: EngineSequence) -> None:
+        if seq.status is not None:
             raise ValueError(f"sequence {seq.seq_id} is already scheduled")
-        tokens = len(seq.prompt_ids) + len(seq.output_ids)
+        tokens = len(seq.token_ids)
         if tokens >= self.config.max_model_len:
             raise ValueError(f"sequence of {tokens} tokens does not fit max_model_len {self.config.max_model_len}")
-        entry = _Entry(seq, next(self._order))
-        self._entries[entry.seq_id] = entry
-        self.waiting.append(entry)
+        seq.status, seq.arrival, seq.num_computed_tokens = SequenceStatus.WAITING, next(self._order), 0
+        self.waiting.append(seq)
 
-    def remove(self, seq: Any) -> None:
+    def remove(self, seq: EngineSequence) -> None:
         """Forget a sequence (finished, cancelled or failed) and free its blocks. Idempotent."""
-        entry = self._entries.pop(seq.seq_id, None)
-        if entry is None:
-            return
-        if entry.running:
-            self.running.remove(entry)
-            self.blocks.free(entry.seq_id)
-        else:
-            self.waiting.remove(entry)
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.blocks.free(seq.seq_id)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = None
 
     # -- one step -------------------------------------------------------------------------
 
@@ -179,67 +154,70 @@ class Scheduler:
         blocks = self.blocks
         i = 0
         while i < len(self.running) and budget > 0:
-            entry = self.running[i]
-            n = min(len(entry.tokens) - entry.num_computed, budget)
-            end = entry.num_computed + n
-            tokens = entry.tokens if end == len(entry.tokens) else entry.tokens[:end]
-            guess = self._fit_guess(entry, guesses, budget) if guesses and n == 1 and end == len(tokens) else []
-            if guess and blocks.append_slots(entry.seq_id, tokens + guess, n + len(guess)):
-                out.chunks.append(ScheduledChunk(entry.seq, entry.tokens, entry.num_computed, end, guess))
+            seq = self.running[i]
+            all_tokens, start = seq.token_ids, seq.num_computed_tokens
+            n = min(len(all_tokens) - start, budget)
+            end = start + n
+            last = end == len(all_tokens)
+            tokens = all_tokens if last else all_tokens[:end]
+            guess = self._fit_guess(seq, guesses, budget) if guesses and n == 1 and last else []
+            if guess and blocks.append_slots(seq.seq_id, tokens + guess, n + len(guess)):
+                out.chunks.append(ScheduledChunk(seq, start, end, last, guess))
                 budget -= n + len(guess)
                 i += 1
                 continue
-            while not blocks.append_slots(entry.seq_id, tokens, n):
+            while not blocks.append_slots(seq.seq_id, tokens, n):
                 victim = self.running[-1]  # the newest; never one already scheduled in this step
                 self._preempt(victim)
-                out.preempted.append(victim.seq)
-                if victim is entry:
+                out.preempted.append(victim)
+                if victim is seq:
                     break
             else:
-                out.chunks.append(ScheduledChunk(entry.seq, entry.tokens, entry.num_computed, end))
+                out.chunks.append(ScheduledChunk(seq, start, end, last))
                 budget -= n
                 i += 1
         if out.preempted:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            entry = self.waiting[0]
+            seq = self.waiting[0]
+            all_tokens = seq.token_ids
             reserve = self._watermark_blocks if self.running else 0
-            if blocks.blocks_needed(len(entry.tokens)) + reserve > blocks.num_free_blocks():
+            if blocks.blocks_needed(len(all_tokens)) + reserve > blocks.num_free_blocks():
                 break
             self.waiting.popleft()
-            entry.num_computed = blocks.allocate(entry.seq_id, entry.tokens)
-            entry.running = True
-            bisect.insort(self.running, entry)
-            n = min(len(entry.tokens) - entry.num_computed, budget)
-            end = entry.num_computed + n
-            tokens = entry.tokens if end == len(entry.tokens) else entry.tokens[:end]
-            ok = blocks.append_slots(entry.seq_id, tokens, n)
+            start = seq.num_computed_tokens = blocks.allocate(seq.seq_id, all_tokens)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=attrgetter("arrival"))
+            n = min(len(all_tokens) - start, budget)
+            end = start + n
+            last = end == len(all_tokens)
+            ok = blocks.append_slots(seq.seq_id, all_tokens if last else all_tokens[:end], n)
             assert ok, "the table of a newly allocated sequence covers its prompt"
-            out.chunks.append(ScheduledChunk(entry.seq, entry.tokens, entry.num_computed, end))
-            out.admitted.append(entry.seq)
+            out.chunks.append(ScheduledChunk(seq, start, end, last))
+            out.admitted.append(seq)
             budget -= n
         return out
 
     def commit(self, out: SchedulerOutput, emitted: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         """The step ran: its chunks are computed, and `emitted` holds the new tokens of each chunk
-        that samples, in chunk order: one token, or for a chunk with guesses the accepted
-        guesses plus one. Returns the KV block copies that `KVCachePool.copy_blocks` must apply
-        (copy-on-write after dropping rejected guesses; usually none)."""
+        that samples, in chunk order (the sampler has already appended them to the sequences): one
+        token, or for a chunk with guesses the accepted guesses plus one. Returns the KV block copies
+        that `KVCachePool.copy_blocks` must apply (copy-on-write after dropping rejected guesses;
+        usually none)."""
         copies: list[tuple[int, int]] = []
         tokens = iter(emitted)
         for chunk in out.chunks:
             new = next(tokens) if chunk.samples else ()
-            entry = self._entries.get(chunk.seq.seq_id)
-            if entry is None:
+            seq = chunk.seq
+            if seq.status is None:
                 continue
-            entry.tokens.extend(new)
             accepted = max(len(new) - 1, 0) if chunk.guesses else 0
-            entry.num_computed = chunk.end + accepted
-            if accepted < len(chunk.guesses) and entry.running:
+            seq.num_computed_tokens = chunk.end + accepted
+            if accepted < len(chunk.guesses) and seq.status is SequenceStatus.RUNNING:
                 try:
-                    copies += self.blocks.truncate(entry.seq_id, entry.num_computed)
+                    copies += self.blocks.truncate(seq.seq_id, seq.num_computed_tokens)
                 except RuntimeError:  # no block for the copy-on-write: recompute this sequence later
-                    self._preempt(entry)
+                    self._preempt(seq)
         return copies
 
     def abort(self, out: SchedulerOutput) -> None:
@@ -247,34 +225,33 @@ class Scheduler:
         not stay in the prefix cache without their K/V)."""
         admitted = {seq.seq_id for seq in out.admitted}
         for chunk in reversed(out.chunks):
-            entry = self._entries.get(chunk.seq.seq_id)
-            if entry is None or not entry.running:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:
                 continue
-            if entry.seq_id in admitted:
+            if seq.seq_id in admitted:
                 # Its cache hits may be blocks that another chunk of this step was to fill: drop
                 # them all (truncate, unlike free, unregisters) and queue it again.
-                self.blocks.truncate(entry.seq_id, 0)
-                self.blocks.free(entry.seq_id)
-                self.running.remove(entry)
-                entry.running, entry.num_computed = False, 0
-                self.waiting.appendleft(entry)
+                self.blocks.truncate(seq.seq_id, 0)
+                self.blocks.free(seq.seq_id)
+                self.running.remove(seq)
+                seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+                self.waiting.appendleft(seq)
             else:
-                self.blocks.truncate(entry.seq_id, chunk.start)
+                self.blocks.truncate(seq.seq_id, chunk.start)
 
     # -- internals ------------------------------------------------------------------------
 
-    def _fit_guess(self, entry: _Entry, guesses: dict[int, list[int]], budget: int) -> list[int]:
-        """The entry's guesses cut to the token budget and to max_model_len."""
-        guess = guesses.get(entry.seq_id)
+    def _fit_guess(self, seq: EngineSequence, guesses: dict[int, list[int]], budget: int) -> list[int]:
+        """The sequence's guesses cut to the token budget and to max_model_len."""
+        guess = guesses.get(seq.seq_id)
         if not guess:
             return []
-        room = min(budget - 1, self.config.max_model_len - len(entry.tokens) - 1)
+        room = min(budget - 1, self.config.max_model_len - len(seq.token_ids) - 1)
         return list(guess[:max(room, 0)])
 
-    def _preempt(self, entry: _Entry) -> None:
-        self.running.remove(entry)
-        self.blocks.free(entry.seq_id)
-        entry.running = False
-        entry.num_computed = 0
-        self.waiting.appendleft(entry)
+    def _preempt(self, seq: EngineSequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from jupyter_llm.manager import CompletionBuilder, EngineManager
+from jupyter_llm.completions import CompletionBuilder
+from jupyter_llm.manager import EngineManager
 from jupyter_llm.schema import Completion, GenerationRequest, TokenEvent, TokenLogprob
 
 FLUSH_INTERVAL = 0.05  # seconds: at most ~20 widget messages a second, whatever the token rate

@@ -18,8 +18,9 @@ from typing import Any
 import anywidget
 from traitlets import Bool, Float, Int, List, TraitError, Unicode, observe
 
+from jupyter_llm.completions import build_requests
 from jupyter_llm.errors import BackendError, ParamError
-from jupyter_llm.manager import build_requests, get_manager
+from jupyter_llm.manager import get_manager
 from jupyter_llm.notebook.widgets.generation import Generation, Message
 from jupyter_llm.schema import Completion, SamplingParams
 
@@ -169,8 +170,7 @@ class Playground(anywidget.AnyWidget):
             # Colouring needs logprobs; a backend without them still streams plain text.
             wanted = params if backend.capabilities.logprobs else params.replace(logprobs=None)
             [request] = build_requests(self.prompt, wanted, chat=self.chat, system=self.system or None)
-            backend.check_request(request)
-            requests.append((name, request))
+            requests.append((name, backend.prepare(request)))  # checked and tokenized once, here
         return Generation(self.manager, next(_run_ids), requests, self._send_message, self._finished)
 
     def stop(self) -> None:

@@ -2,30 +2,26 @@
 order, preemption and recompute, and a hypothesis property over random interleavings."""
 from __future__ import annotations
 
-import itertools
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jupyter_llm.backends.native.kv_cache import BlockManager
 from jupyter_llm.backends.native.scheduler import Scheduler, SchedulerConfig
+from jupyter_llm.backends.sequence import EngineSequence
+from jupyter_llm.schema import GenerationRequest
 
 BS = 4
-_ids = itertools.count()
 
 
-class FakeSeq:
-    """What the scheduler reads from a sequence."""
-
-    def __init__(self, prompt: list[int], max_tokens: int = 8):
-        self.seq_id = next(_ids)
-        self.prompt_ids = list(prompt)
-        self.output_ids: list[int] = []
-        self.max_tokens = max_tokens
+def new_seq(prompt: list[int], max_tokens: int = 8) -> EngineSequence:
+    """A sequence as the engine makes them, with the number of tokens it will sample."""
+    seq = EngineSequence(GenerationRequest(prompt_token_ids=list(prompt)), 0, list(prompt), processor=None, sink=None)
+    seq.max_tokens = max_tokens
+    return seq
 
 
-def token_for(seq: FakeSeq) -> int:
+def token_for(seq: EngineSequence) -> int:
     """A deterministic 'sampled' token that depends only on the sequence's own history."""
     return (seq.seq_id * 31 + len(seq.output_ids) * 7 + sum(seq.prompt_ids)) % 97
 
@@ -43,13 +39,13 @@ def step(sched: Scheduler):
     for chunk in out.chunks:
         if chunk.samples:
             token = token_for(chunk.seq)
-            chunk.seq.output_ids.append(token)
+            chunk.seq.token_ids.append(token)  # as the sampler does
             sampled.append([token])
     sched.commit(out, sampled)
     return out
 
 
-def run_to_end(sched: Scheduler, seqs: list[FakeSeq], max_steps: int = 1000) -> int:
+def run_to_end(sched: Scheduler, seqs: list[EngineSequence], max_steps: int = 1000) -> int:
     for n in range(max_steps):
         for s in seqs:
             if s in sched and len(s.output_ids) >= s.max_tokens:
@@ -62,11 +58,11 @@ def run_to_end(sched: Scheduler, seqs: list[FakeSeq], max_steps: int = 1000) -> 
 
 def test_chunked_prefill_keeps_decodes_running():
     sched = make(num_blocks=64, budget=8)
-    short = FakeSeq([1, 2, 3], max_tokens=20)
+    short = new_seq([1, 2, 3], max_tokens=20)
     sched.add(short)
     step(sched)  # prefill of the short prompt, and its first token
     assert short.output_ids
-    long = FakeSeq(list(range(30)), max_tokens=2)
+    long = new_seq(list(range(30)), max_tokens=2)
     sched.add(long)
     chunks_of_long = []
     for _ in range(5):
@@ -84,7 +80,7 @@ def test_chunked_prefill_keeps_decodes_running():
 
 def test_admission_is_first_come_first_served_and_bounded():
     sched = make(num_blocks=64, max_num_seqs=2, budget=64)
-    seqs = [FakeSeq([i] * 5, max_tokens=3) for i in range(4)]
+    seqs = [new_seq([i] * 5, max_tokens=3) for i in range(4)]
     for s in seqs:
         sched.add(s)
     out = step(sched)
@@ -96,7 +92,7 @@ def test_admission_is_first_come_first_served_and_bounded():
 
 def test_pool_exhaustion_preempts_the_newest_and_recomputes_it():
     sched = make(num_blocks=6, budget=64, watermark=0)  # 24 token slots
-    old, new = FakeSeq([1] * 7, max_tokens=12), FakeSeq([2] * 7, max_tokens=12)
+    old, new = new_seq([1] * 7, max_tokens=12), new_seq([2] * 7, max_tokens=12)
     sched.add(old)
     sched.add(new)
     preempted_at = None
@@ -114,7 +110,7 @@ def test_pool_exhaustion_preempts_the_newest_and_recomputes_it():
     assert preempted_at is not None and sched.num_preemptions >= 1
     # Both finished with the tokens they would have had alone: recompute lost nothing.
     for s in (old, new):
-        alone = FakeSeq(s.prompt_ids, s.max_tokens)
+        alone = new_seq(s.prompt_ids, s.max_tokens)
         alone.seq_id = s.seq_id
         solo = make(num_blocks=64)
         solo.add(alone)
@@ -125,7 +121,7 @@ def test_pool_exhaustion_preempts_the_newest_and_recomputes_it():
 
 def test_recompute_covers_prompt_and_output():
     sched = make(num_blocks=64, budget=64)
-    s = FakeSeq([5] * 6, max_tokens=10)
+    s = new_seq([5] * 6, max_tokens=10)
     sched.add(s)
     for _ in range(3):
         step(sched)
@@ -139,7 +135,7 @@ def test_recompute_covers_prompt_and_output():
 
 def test_a_lone_sequence_always_fits_and_never_deadlocks():
     sched = make(num_blocks=4, max_model_len=16, budget=3)  # exactly one full-length sequence fits
-    seqs = [FakeSeq([i + 1] * 5, max_tokens=10) for i in range(3)]
+    seqs = [new_seq([i + 1] * 5, max_tokens=10) for i in range(3)]
     for s in seqs:
         sched.add(s)
     run_to_end(sched, seqs)
@@ -149,7 +145,7 @@ def test_a_lone_sequence_always_fits_and_never_deadlocks():
 
 def test_remove_waiting_running_and_unknown():
     sched = make()
-    a, b = FakeSeq([1, 2]), FakeSeq([3, 4])
+    a, b = new_seq([1, 2]), new_seq([3, 4])
     sched.add(a)
     step(sched)
     sched.add(b)
@@ -161,16 +157,15 @@ def test_remove_waiting_running_and_unknown():
 
 def test_abort_forgets_the_slots_of_a_failed_step():
     sched = make(num_blocks=16, budget=64)
-    a = FakeSeq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    a = new_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
     sched.add(a)
     step(sched)
-    a.output_ids.extend([1, 2, 3])  # pretend: decoding tokens 10..12 next, completing block 2
-    sched._entries[a.seq_id].tokens.extend([1, 2, 3])
-    sched._entries[a.seq_id].num_computed = 9
+    a.token_ids.extend([1, 2, 3])  # pretend: decoding tokens 10..12 next, completing block 2
+    a.num_computed_tokens = 9
     out = sched.schedule()
     assert [(c.start, c.end) for c in out.chunks] == [(9, 13)]
     sched.abort(out)  # the forward failed: block 2 must not be served from the prefix cache
-    assert sched.num_computed(a) == 9 and sched.counts() == (1, 0)
+    assert a.num_computed_tokens == 9 and sched.counts() == (1, 0)
     probe = a.prompt_ids + a.output_ids + [0]
     assert sched.blocks.allocate(-1, probe) == 8  # blocks 0 and 1 (computed earlier) only
     sched.blocks.free(-1)
@@ -180,13 +175,13 @@ def test_abort_forgets_the_slots_of_a_failed_step():
 
 def test_abort_requeues_what_the_failed_step_admitted():
     sched = make(num_blocks=16, budget=64)
-    a = FakeSeq(list(range(9)))
+    a = new_seq(list(range(9)))
     sched.add(a)
     out = sched.schedule()
     sched.abort(out)
     assert sched.counts() == (0, 1) and sched.blocks.num_free_blocks() == 16
     sched.remove(a)
-    b = FakeSeq(list(range(9)))
+    b = new_seq(list(range(9)))
     sched.add(b)
     assert [c.start for c in sched.schedule().chunks] == [0]  # nothing of a's step stayed cached
 
@@ -194,7 +189,7 @@ def test_abort_requeues_what_the_failed_step_admitted():
 def test_too_long_is_refused():
     sched = make(max_model_len=8)
     with pytest.raises(ValueError, match="max_model_len"):
-        sched.add(FakeSeq(list(range(8))))
+        sched.add(new_seq(list(range(8))))
 
 
 # -- property: random interleavings --------------------------------------------------------
@@ -216,8 +211,8 @@ OPS = st.lists(
 def test_random_interleavings_never_leak_or_mix_up(ops, num_blocks, budget, max_num_seqs, prefix, watermark):
     sched = make(num_blocks=num_blocks, budget=budget, max_num_seqs=max_num_seqs, max_model_len=16,
                  prefix=prefix, watermark=watermark)
-    live: list[FakeSeq] = []
-    done: list[FakeSeq] = []
+    live: list[EngineSequence] = []
+    done: list[EngineSequence] = []
 
     def check(out):
         ids = [c.seq.seq_id for c in out.chunks]
@@ -240,7 +235,7 @@ def test_random_interleavings_never_leak_or_mix_up(ops, num_blocks, budget, max_
     for op, a, b, copies in ops:
         if op == "submit":
             for c in range(copies):
-                s = FakeSeq([(a * 3 + i + c) % 5 for i in range(a)], max_tokens=b)  # shared prefixes are common
+                s = new_seq([(a * 3 + i + c) % 5 for i in range(a)], max_tokens=b)  # shared prefixes are common
                 sched.add(s)
                 live.append(s)
         elif op == "cancel" and live:
@@ -259,8 +254,8 @@ def test_random_interleavings_never_leak_or_mix_up(ops, num_blocks, budget, max_
     assert not sched.has_work() and not live
     assert sched.blocks.num_free_blocks() == num_blocks  # no leak
     for s in done:  # each output is what the sequence would produce alone
-        expected = FakeSeq(s.prompt_ids)
+        expected = new_seq(s.prompt_ids)
         expected.seq_id = s.seq_id
         for _ in s.output_ids:
-            expected.output_ids.append(token_for(expected))
+            expected.token_ids.append(token_for(expected))
         assert s.output_ids == expected.output_ids
