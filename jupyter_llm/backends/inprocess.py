@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from jupyter_llm.backends.base import Backend, check_prompt_fits
+from jupyter_llm.backends.meter import TokenMeter
 from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.backends.tokenizer_api import TokenizerServices
 from jupyter_llm.errors import ParamError
@@ -72,9 +73,7 @@ class InProcessBackend(TokenizerServices, Backend):
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._tokens_generated = 0
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
-        self._recent_lock = threading.Lock()
+        self.meter = TokenMeter()
         self.step_threads = 0  # torch threads used by the latest step
         self._held = 0  # > 0 while a batch of requests is being submitted
 
@@ -222,9 +221,7 @@ class InProcessBackend(TokenizerServices, Backend):
                 self._end(seq, live, seq.processor.abort("error", message))
             return
         # Count before sending: a caller that sees its last event must also see its tokens counted.
-        with self._recent_lock:
-            self._tokens_generated += len(outputs)
-            self._recent.append((time.monotonic(), len(outputs)))
+        self.meter.add(len(outputs))
         for seq, token_id, logprob in outputs:
             if seq.seq_id not in live:  # ended by an earlier token of this step (speculative steps emit several)
                 continue
@@ -235,18 +232,7 @@ class InProcessBackend(TokenizerServices, Backend):
                 seq.sink(event)
 
     # --- stats --------------------------------------------------------------------------
-    def recent_tokens_per_s(self, window: float = 5.0) -> float:
-        now = time.monotonic()
-        with self._recent_lock:
-            while self._recent and now - self._recent[0][0] > window:
-                self._recent.popleft()
-            if not self._recent:
-                return 0.0
-            tokens = sum(n for _, n in self._recent)
-            span = max(now - self._recent[0][0], 1e-3)
-        return tokens / span if tokens > 1 else 0.0
-
     def stats(self) -> dict[str, Any]:
         running, waiting = self.engine.counts()
-        return {"running": running, "waiting": waiting, "tokens_generated": self._tokens_generated,
-                "tokens_per_s": round(self.recent_tokens_per_s(), 1), **self.engine.stats()}
+        return {"running": running, "waiting": waiting, "tokens_generated": self.meter.tokens_generated,
+                "tokens_per_s": self.meter.tokens_per_s(), **self.engine.stats()}

@@ -1,6 +1,5 @@
-"""Counts of requests and tokens for the status tables of backends whose engine runs
-elsewhere (another process, a GPU runtime, a server): what is running, how many tokens
-came back, and the recent token rate."""
+"""Counts of requests and tokens for every backend's status table: what is running, how many
+tokens came back, and the recent token rate."""
 from __future__ import annotations
 
 import threading
@@ -9,7 +8,7 @@ from collections import deque
 
 
 class TokenMeter:
-    """Thread-safe: the manager's loop writes, status tables read from any thread."""
+    """Thread-safe: the manager's loop or a compute thread writes, status tables read from any thread."""
 
     def __init__(self, window: float = 5.0):
         self.window = window
@@ -38,8 +37,6 @@ class TokenMeter:
         with self._lock:
             while self._recent and now - self._recent[0][0] > self.window:
                 self._recent.popleft()
-            if len(self._recent) < 2:
-                return 0.0
             tokens = sum(n for _, n in self._recent)
-            span = max(now - self._recent[0][0], 1e-3)
-        return round(tokens / span, 1)
+            span = max(now - self._recent[0][0], 1e-3) if self._recent else 0.0
+        return round(tokens / span, 1) if tokens > 1 else 0.0  # one token gives no rate

@@ -171,7 +171,7 @@ class GPUEngineBackend(TokenizerServices, Backend):
 
     def open_request(self, request: GenerationRequest) -> tuple[list[int], OutputTracker]:
         """Check `request`; its prompt ids and the tracker that turns its outputs into events."""
-        self.check_request(request)
+        request = self.prepare(request)  # a prepared request is not checked again
         prompt_ids = self.prompt_ids_within_context(request)
         p = request.params
         return prompt_ids, OutputTracker(request.id, p.n, p.logprobs or 0, p.logprobs is not None)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from jupyter_llm.backends.base import BackendOptions, Capabilities
-from jupyter_llm.backends.inprocess import EngineSequence, InProcessBackend, LogprobEntry, StepEngine
+from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.backends.llamacpp.probe import probe
+from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.errors import BackendError
 from jupyter_llm.gguf_vocab import gguf_tokenizer
 from jupyter_llm.model_files import resolve_model

@@ -27,8 +27,9 @@ import onnxruntime_genai as og
 import torch
 
 from jupyter_llm.backends.base import BackendOptions, Capabilities
-from jupyter_llm.backends.inprocess import EngineSequence, InProcessBackend, LogprobEntry, StepEngine
+from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.backends.onnx.export import PRECISIONS, PROVIDERS, export_folder, export_metadata, is_genai_folder
+from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.model_files import resolve_model
 from jupyter_llm.progress import steps

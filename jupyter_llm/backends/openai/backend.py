@@ -197,7 +197,7 @@ class OpenAIBackend(Backend):
         return count
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        self.check_request(request)
+        request = self.prepare(request)  # a prepared request is not checked again
         if self.client is None:
             raise BackendError("the openai backend is not started")
         prompt_tokens = self._local_prompt_tokens(request)
