@@ -40,7 +40,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import random
 import re
 import statistics
@@ -57,7 +56,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from jupyter_llm.bench.machine import machine_info, machine_line
+from jupyter_llm.bench.machine import machine_info, machine_line  # noqa: E402 (after the sys.path entry)
+from jupyter_llm.bench.metrics import percentile  # noqa: E402
 
 ENGINES = ("native-fp32", "native-int8", "transformers", "llama.cpp", "onnx-fp32", "onnx-int8", "onnx-int4")
 SCENARIOS = ("uniform", "batch", "mixed", "single", "prefix", "quality")
@@ -302,17 +302,11 @@ class NativeEngine(ManagerEngine):
 
     def next_token_logits(self, ids: list[int]) -> Any:
         """The backend's model and attention over a private KV pool (the engine's own is left alone)."""
-        from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
-        from jupyter_llm.backends.native.model_runner import ModelRunner, StepItem
+        from jupyter_llm.backends.native.model_runner import prefill_logits
 
-        model, config, block_size = self.backend.model, self.backend.model_config, 16
         tokens = ids[:-1]  # the last token predicts nothing that is scored
-        blocks = BlockManager(-(-len(tokens) // block_size), block_size, enable_prefix_caching=False)
-        blocks.allocate(0, tokens)
-        dtype = next(model.parameters()).dtype  # the embedding: float even in an int8 model
-        pool = KVCachePool.for_model(config, blocks.num_total_blocks(), block_size, dtype, self.backend.device)
-        item = StepItem(0, tokens, 0, blocks.block_table(0), blocks.slot_mapping(0, 0, len(tokens)))
-        return ModelRunner(model, config, pool).run([item], num_logits=[len(tokens)]).cpu().numpy()
+        return prefill_logits(self.backend.model, self.backend.model_config, tokens,
+                              num_logits=len(tokens)).cpu().numpy()
 
 
 class OnnxEngine(ManagerEngine):
@@ -493,15 +487,6 @@ class LlamaCppEngine(Engine):
 
 # --- measuring -----------------------------------------------------------------------------------
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -625,8 +610,8 @@ def run_benchmark(names: list[str], sizes: Sizes, threads: int, kv: str | None,
                     bucket = raw[engine.name]
                     bucket.setdefault(f"mixed_c{concurrency}_tok_s", []).append(sum(r.tokens for r in results) / wall)
                     ttfts = [r.ttft for r in results]
-                    bucket.setdefault(f"mixed_c{concurrency}_ttft_p50", []).append(percentile(ttfts, 0.5))
-                    bucket.setdefault(f"mixed_c{concurrency}_ttft_p99", []).append(percentile(ttfts, 0.99))
+                    bucket.setdefault(f"mixed_c{concurrency}_ttft_p50", []).append(percentile(ttfts, 50))
+                    bucket.setdefault(f"mixed_c{concurrency}_ttft_p99", []).append(percentile(ttfts, 99))
 
         if "single" in scenarios:
             rng = random.Random(300 + repeat)
@@ -835,8 +820,7 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {**machine_info(), "transformers": transformers.__version__,
-            "llama_cpp": llama_version, "onnxruntime_genai": onnx_version, "python": platform.python_version(),
-            "commit": commit}
+            "llama_cpp": llama_version, "onnxruntime_genai": onnx_version, "commit": commit}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from jupyter_llm.bench.machine import machine_info, machine_line
+from jupyter_llm.bench.machine import machine_info, machine_line  # noqa: E402 (after the sys.path entry)
 
 ENGINES = {
     "plain": {},

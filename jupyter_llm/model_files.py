@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from jupyter_llm.errors import ModelNotFound
+from jupyter_llm.errors import BackendError, ModelNotFound
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,6 +86,17 @@ def resolve_model(name: str | None = None) -> ModelSpec:
     raise ModelNotFound(f"unknown model {name!r}: give an alias ({aliases}), a folder with config.json, "
                         f"a .gguf file, or a hub id like 'org/name' (needs a network; HF_HUB_OFFLINE is "
                         f"{'on' if _hub_offline() else 'off'})")
+
+
+def download_hub_model(repo_id: str) -> str:
+    """A hub model's folder: its configs, safetensors and tokenizer files (from the local hub
+    cache when offline)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as error:  # offline and not cached, no such repo...
+        raise BackendError(f"cannot get {repo_id!r} from the Hugging Face hub: {error}") from error
 
 
 def cache_dir() -> Path:

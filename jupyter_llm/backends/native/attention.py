@@ -9,15 +9,15 @@ writes the new K/V into the pool at their slots, then:
     longest of their contexts, and two batched matmuls (`bmm`) with a softmax between them
     compute the attention; the G query heads that share a KV head form the G rows of one
     product, so each key is read once per step (a padding bias, none when all contexts are
-    equal). On a CPU this is 1.5x faster than `scaled_dot_product_attention` for a decode.
+    equal). On a CPU this beats `scaled_dot_product_attention` for a decode.
     Decodes of very different lengths are split into a few groups of similar length
     (`split_decode_groups`), so that short contexts are not padded to the longest one;
   * each multi-token chunk (a prefill) attends alone over exactly its own context, causally
     (with a mask only when a cached prefix precedes the chunk), so a 512-token chunk never
     pads the decodes beside it to 512 queries. A short chunk (at most SHORT_CHUNK tokens: a
     speculative verification, the tail of a prompt) takes the decode path's two `bmm`s with a
-    causal bias instead of `scaled_dot_product_attention`, whose CPU kernel costs about 2 ms
-    per layer even for 6 queries over 300 keys.
+    causal bias instead of `scaled_dot_product_attention`, whose CPU kernel has a high fixed
+    cost per layer even for a few queries.
 
 Everything that depends only on the batch (gather indices, masks) is built once per step in
 `AttentionMetadata.build`; masks are turned into additive float biases once per dtype.
@@ -90,8 +90,7 @@ class DecodeGroup:
 
 
 # Splitting the decodes into groups costs a few ops per layer; it pays when it saves more
-# padded key rows than this (measured on a CPU: one group's ops cost about as much as
-# gathering and multiplying ~80 key rows in every layer).
+# padded key rows than this.
 GROUP_COST_ROWS = 128
 MAX_DECODE_GROUPS = 8
 

@@ -10,6 +10,8 @@ Vocabulary:
   * the *prefix cache* maps the hash of a FULL block (hash of the previous block, its token ids)
     to the block that holds its K/V, so that a new sequence with the same leading tokens
     shares those blocks (reference counted) instead of recomputing them.
+
+`kv_cache_budget` and `size_kv_pool` decide how large the pool of a loaded model is.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ from collections.abc import Sequence
 import torch
 
 from jupyter_llm.backends.native.config import ModelConfig
+from jupyter_llm.errors import ParamError
+
+DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
+CUDA_KV_SHARE = 0.6  # of the GPU memory free after loading the weights (the rest: activations)
 
 
 class KVCachePool:
@@ -73,6 +79,35 @@ class KVCachePool:
             dst = torch.tensor([d for _, d in copies], device=self.k.device)
             self.k[:, dst] = self.k[:, src]
             self.v[:, dst] = self.v[:, src]
+
+
+def kv_cache_budget(requested: int | None, device: str) -> int:
+    """Bytes for the KV pool: `requested`, else 1 GiB on the CPU or a share of the GPU's free memory."""
+    if requested is not None:
+        return requested
+    if not device.startswith("cuda"):
+        return DEFAULT_CPU_KV_CACHE_MEMORY
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(free * CUDA_KV_SHARE)
+
+
+def size_kv_pool(budget: int, config: ModelConfig, block_size: int, dtype: torch.dtype, max_num_seqs: int,
+                 max_model_len: int, fixed_len: bool) -> tuple[int, int]:
+    """(num_blocks, max_model_len) of a pool in `budget` bytes. A pool too small for one sequence
+    of `max_model_len` lowers it to what the pool holds, unless the length was asked for
+    (`fixed_len`) or the pool holds less than two blocks: then it is an error."""
+    num_blocks = KVCachePool.num_blocks_for_budget(budget, config, block_size, dtype)
+    # More than every sequence at full length can use is wasted memory.
+    num_blocks = min(num_blocks, max_num_seqs * -(-max_model_len // block_size) + 1)
+    capacity = num_blocks * block_size
+    if capacity >= max_model_len:
+        return num_blocks, max_model_len
+    if fixed_len or capacity < 2 * block_size:
+        per_token = KVCachePool.bytes_per_block(config, block_size, dtype) // block_size
+        raise ParamError(f"the KV cache ({budget} bytes, {capacity} tokens of {per_token} bytes) cannot "
+                         f"hold one sequence of max_model_len {max_model_len}; raise --kv-cache-memory "
+                         f"or lower --max-model-len")
+    return num_blocks, capacity
 
 
 class BlockManager:

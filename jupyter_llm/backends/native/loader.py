@@ -2,7 +2,8 @@
 
 HF names are mapped onto our fused modules (q/k/v -> qkv_proj, gate/up -> gate_up_proj, GPT-2
 Conv1D weights transposed). `load_seed_gpt2` reads the from-scratch GPT-2 of the book
-"Build a Large Language Model (From Scratch)" (see `SEED_GPT2_NAMES`).
+"Build a Large Language Model (From Scratch)" (see `SEED_GPT2_NAMES` and seed_gpt2.py).
+`load_folder` gives a model folder's weights with their tokenizer; `local_folder` finds it.
 """
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.models import build_model
 from jupyter_llm.backends.native.models.llama import interleave_rope_rows
+from jupyter_llm.backends.native.seed_gpt2 import TiktokenGPT2, is_seed_gpt2_folder, read_seed_gpt2_folder
+from jupyter_llm.model_files import ModelSpec, download_hub_model, ensure_hf_folder
+from jupyter_llm.tokenization import Tokenizer, load_tokenizer
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -64,6 +69,23 @@ def load_model(
     folder = Path(source)
     hf_config = json.loads((folder / "config.json").read_text())
     return _load_hf(_read_weights(folder), ModelConfig.from_hf_config(hf_config), dtype, device)
+
+
+def local_folder(spec: ModelSpec, progress: bool) -> Path:
+    """The model's folder on this machine (a GGUF file converted once, a hub model downloaded)."""
+    return Path(ensure_hf_folder(spec, progress) if spec.kind != "hub" else download_hub_model(spec.path))
+
+
+def load_folder(folder: Path, dtype: torch.dtype, device: str) -> tuple[nn.Module, ModelConfig, Tokenizer]:
+    """The model, its config and its tokenizer from an HF folder or the book's GPT-2 folder."""
+    if is_seed_gpt2_folder(folder):
+        tokenizer = Tokenizer(TiktokenGPT2())  # first: a missing tiktoken fails before the weights load
+        state_dict, config_dict = read_seed_gpt2_folder(folder)
+        model, config = load_seed_gpt2(state_dict, config_dict, dtype, device)
+        return model, config, tokenizer
+    tokenizer = load_tokenizer(str(folder))
+    model, config = load_model(folder, dtype=dtype, device=device)
+    return model, config, tokenizer
 
 
 def load_seed_gpt2(
@@ -119,8 +141,6 @@ def _split_alternatives(name: str) -> tuple[str, list[str], str]:
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        from safetensors import safe_open
-
         weights: dict[str, torch.Tensor] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as sf:

@@ -1,4 +1,7 @@
-"""`ModelRunner`: turns one scheduled step (a list of `StepItem`s) into tensors, runs the model, returns logits."""
+"""`ModelRunner`: turns one scheduled step (a list of `StepItem`s) into tensors, runs the model, returns logits.
+
+`build_runner` gives a runner its KV pool and the pool's BlockManager; `prefill_logits` runs one
+prompt over a scratch pool of its own (calibration, perplexity, tests)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,7 +12,8 @@ from torch import nn
 
 from jupyter_llm.backends.native.attention import AttentionMetadata
 from jupyter_llm.backends.native.config import ModelConfig
-from jupyter_llm.backends.native.kv_cache import KVCachePool
+from jupyter_llm.backends.native.int8_linear import Int8Linear
+from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
 
 
 @dataclass
@@ -26,10 +30,8 @@ class StepItem:
     slot_mapping: Sequence[int]
 
 
-# fbgemm's int8 GEMMs for a few rows ran 1.5-2.5x slower on two threads than on one when called
-# from a thread other than the main one (the compute thread always is), measured on the 2-core
-# development machine: batch 1 17 ms vs 29-38 ms per forward of SmolLM2; batch 16 41-50 vs 55-59;
-# at 32 the two were even. float32 forwards showed no such loss.
+# fbgemm's int8 GEMMs for a few rows run slower on two threads than on one when called from a
+# thread other than the main one (the compute thread always is); float32 forwards do not.
 INT8_ONE_THREAD_TOKENS = 16
 
 
@@ -37,8 +39,6 @@ class ModelRunner:
     """Runs the model over a batch that mixes decode tokens and prefill chunks of several sequences."""
 
     def __init__(self, model: nn.Module, config: ModelConfig, kv_pool: KVCachePool) -> None:
-        from jupyter_llm.backends.native.quant import Int8Linear
-
         self.model = model
         self.config = config
         self.kv_pool = kv_pool
@@ -95,3 +95,24 @@ class ModelRunner:
             if one_thread:
                 torch.set_num_threads(threads)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def build_runner(model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool) -> tuple[ModelRunner, BlockManager]:
+    """A ModelRunner over a KV pool of `num_blocks` blocks in the model's dtype and device, and
+    the pool's BlockManager."""
+    param = next(model.parameters())  # the embedding: float even in an int8 model
+    pool = KVCachePool.for_model(config, num_blocks, block_size, param.dtype, param.device)
+    return ModelRunner(model, config, pool), BlockManager(num_blocks, block_size, enable_prefix_caching)
+
+
+def prefill_logits(model: nn.Module, config: ModelConfig, token_ids: Sequence[int], num_logits: int = 1,
+                   block_size: int = 16) -> torch.Tensor:
+    """The logits of the last `num_logits` of `token_ids` from one prefill over a scratch KV pool
+    just large enough (any engine's own pool is left alone)."""
+    n = len(token_ids)
+    runner, blocks = build_runner(model, config, -(-n // block_size), block_size, enable_prefix_caching=False)
+    blocks.allocate(0, token_ids)
+    blocks.append_slots(0, token_ids, n)
+    item = StepItem(0, token_ids, 0, blocks.block_table(0), blocks.slot_mapping(0, 0, n))
+    return runner.run([item], num_logits=[num_logits])

@@ -1,11 +1,5 @@
-"""Dynamic int8 quantization of the native models' linear layers (CPU).
-
-Weights are quantized once, per output channel (symmetric int8); activations are quantized
-per tensor at run time and the product runs in PyTorch's x86/fbgemm quantized GEMM
-(`torch.ops.quantized.linear_dynamic`), which returns float32. On an AVX2 CPU this is about
-2x faster than a float32 matmul at batch 1 and close to 3x at batch 16-32, because the
-weights take a quarter of the memory traffic. (`torch._weight_int8pack_mm` is slower than
-float32 on such CPUs, so it is not used.)
+"""Dynamic int8 quantization of the native models' linear layers (CPU): every nn.Linear
+becomes an `Int8Linear` (see int8_linear.py).
 
 Embedding lookups stay float32; the output projection is quantized too (for tied
 embeddings, a quantized copy of the embedding matrix becomes the lm_head).
@@ -20,52 +14,15 @@ perplexity on a fixed paragraph went from 46 to 16 (measured, float32 13.0).
 """
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATIONS = ("int8",)
-
-
-def select_engine() -> str:
-    """Pick PyTorch's x86 quantized engine (fbgemm where x86 is missing)."""
-    engines = torch.backends.quantized.supported_engines
-    for engine in ("x86", "fbgemm"):
-        if engine in engines:
-            if torch.backends.quantized.engine != engine:
-                torch.backends.quantized.engine = engine
-            return engine
-    raise RuntimeError(f"this PyTorch build has no x86/fbgemm quantized engine (it has {engines}); "
-                       "--quantization int8 needs an x86 CPU build of PyTorch")
-
-
-class Int8Linear(nn.Module):
-    """y = x @ W.T + b with W int8 per output channel and x quantized dynamically (uint8, per tensor)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, reduce_range: bool = False) -> None:
-        super().__init__()
-        select_engine()
-        weight = weight.detach().float().contiguous()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
-        zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated" (torch >= 2.10)
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch.quantize_per_channel(weight, scales, zero_points, axis=0, dtype=torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
-        # AVX2 without VNNI adds uint8 x int8 products in pairs into saturating int16 sums;
-        # 7-bit activations (reduce_range) avoid that, but measured on SmolLM2 the lost bit
-        # costs far more (perplexity 24 vs 16) than the rare saturation: 8 bits by default.
-        self.reduce_range = reduce_range
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+from jupyter_llm.backends.native.int8_linear import Int8Linear
+from jupyter_llm.backends.native.model_runner import prefill_logits
 
 
 def quantize_int8(model: nn.Module, calibration_ids: list[int] | None = None) -> nn.Module:
@@ -117,7 +74,7 @@ def smooth_swiglu(model: nn.Module, calibration_ids: list[int], alpha: float = 0
         return
     maxima: dict[nn.Module, torch.Tensor] = {}
 
-    def record(mlp: nn.Module) -> Any:
+    def record(mlp: nn.Module) -> Callable[[nn.Module, Any, torch.Tensor], None]:
         def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
             size = mlp.intermediate_size
             h = F.silu(out[:, :size]) * out[:, size:]
@@ -126,7 +83,7 @@ def smooth_swiglu(model: nn.Module, calibration_ids: list[int], alpha: float = 0
 
     hooks = [mlp.gate_up_proj.register_forward_hook(record(mlp)) for mlp in mlps]
     try:
-        _forward_once(model, calibration_ids)
+        prefill_logits(model, model.config, calibration_ids)
     finally:
         for hook in hooks:
             hook.remove()
@@ -138,18 +95,3 @@ def smooth_swiglu(model: nn.Module, calibration_ids: list[int], alpha: float = 0
         if mlp.gate_up_proj.bias is not None:
             mlp.gate_up_proj.bias[size:] /= scale
         mlp.down_proj.weight *= scale[None, :]
-
-
-def _forward_once(model: nn.Module, token_ids: list[int]) -> None:
-    """One prefill of `token_ids` over a scratch KV pool just large enough."""
-    from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
-    from jupyter_llm.backends.native.model_runner import ModelRunner, StepItem
-
-    block_size, n = 16, len(token_ids)
-    num_blocks = -(-n // block_size)
-    pool = KVCachePool.for_model(model.config, num_blocks, block_size, torch.float32, "cpu")
-    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-    blocks.allocate(0, token_ids)
-    blocks.append_slots(0, token_ids, n)
-    ModelRunner(model, model.config, pool).run([StepItem(0, token_ids, 0, blocks.block_table(0),
-                                                         blocks.slot_mapping(0, 0, n))])

@@ -1,4 +1,4 @@
-"""Speculative decoding for the native engine: proposers, verification and the bookkeeping around them.
+"""Speculative decoding for the native engine: its config and the bookkeeping around proposers and verification.
 
 Each step, a cheap *proposer* guesses the next K tokens of every decoding sequence; the
 target model then computes its last token plus the K guesses in one forward (a K+1-token
@@ -8,20 +8,15 @@ per sequence for the price of about one decode step, since a CPU decode is bound
 the weights, not by the few extra tokens.
 
 Proposers, with vLLM's names:
-  * `ngram` (prompt lookup): the longest suffix of the sequence (prompt_lookup_max down to
-    prompt_lookup_min tokens) that occurred before; propose what followed it. Free, and very
-    good when the output copies the prompt (summaries, edits, code rewrites).
-  * `draft`: a smaller model with the same tokenizer, or the target's own int8 copy
-    (`--draft-quantization int8`), runs K decode steps over its own paged KV cache, kept in
-    step with the target's and rolled back to what was accepted.
+  * `ngram` (prompt lookup, proposers.py): the longest suffix of the sequence (prompt_lookup_max
+    down to prompt_lookup_min tokens) that occurred before; propose what followed it. Free, and
+    very good when the output copies the prompt (summaries, edits, code rewrites).
+  * `draft` (proposers.py, loaded by draft.py): a smaller model with the same tokenizer, or
+    the target's own int8 copy (`--draft-quantization int8`), runs K decode steps over its own
+    paged KV cache, kept in step with the target's and rolled back to what was accepted.
 
-Verification follows speculative sampling (Leviathan et al. 2023, Chen et al. 2023): guess
-x_i drawn from the proposer's q is accepted with probability min(1, p(x_i) / q(x_i)), where
-p is the target's distribution after temperature, top-k, top-p and min-p; on the first
-rejection the token is drawn from max(0, p - q), renormalized; after K acceptances a bonus
-token comes from p. The output is distributed exactly as without speculation. An n-gram
-guess is deterministic (q is one-hot), and for greedy requests p is one-hot on the argmax, so
-greedy output is token for token the same as without speculation.
+Verification (verify.py) follows speculative sampling: the output is distributed exactly as
+without speculation, and greedy output is token for token the same.
 
 Requests with repetition/presence/frequency penalties decode without guesses (the penalties
 would change between the guessed positions). Speculation backs off per sequence when its
@@ -29,15 +24,15 @@ guesses keep failing, and for the whole batch above `disable_by_batch_size` sequ
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
+from jupyter_llm.backends.native.proposers import DraftModelProposer, ngram_propose
+from jupyter_llm.backends.native.verify import Proposal
+from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.errors import ParamError
-from jupyter_llm.sampling import SamplingState, draw, processed_probs
 
 METHODS = ("ngram", "draft")
 # vLLM's speculative_config keys (and its method names) that mean something here.
@@ -81,8 +76,6 @@ class SpeculativeConfig:
         (keys method, model, num_speculative_tokens, prompt_lookup_min/max, quantization,
         disable_by_batch_size; a JSON string from a magic line). None when not speculating."""
         if isinstance(speculative_config, str):
-            import json
-
             try:
                 speculative_config = json.loads(speculative_config)
             except ValueError as error:
@@ -122,192 +115,14 @@ class SpeculativeConfig:
         return f"draft {draft}{' int8' if self.draft_quantization else ''} k={self.num_speculative_tokens}"
 
 
-@dataclass
-class Proposal:
-    """Guessed next tokens of one sequence; `probs[i]` is the proposer's distribution that
-    tokens[i] was drawn from (None for a deterministic guess: q is one-hot)."""
-
-    tokens: list[int]
-    probs: torch.Tensor | None = None  # [len(tokens), V], float32, rows sum to 1
-    source: int = -1  # prompt lookup: where in the sequence the guessed tokens were copied from
-
-
-# -- proposers -------------------------------------------------------------------------
-
-
-def ngram_propose(tokens: Sequence[int], k: int, min_n: int = 1, max_n: int = 4, after: int = 0
-                  ) -> tuple[list[int], int]:
-    """Prompt lookup: find an earlier occurrence of the longest suffix of `tokens` (max_n down to
-    min_n tokens) and return up to k tokens that followed it, with their position in `tokens`
-    (([], -1) if none). Among occurrences of that suffix, the first one that continues at or
-    after position `after` wins (where the previous guesses came from, so a copy goes on
-    through the prompt in order); without one, the latest with k tokens after it (in a
-    repeating stretch, the very latest is followed by fewer)."""
-    length = len(tokens)
-    if length < min_n + 1 or k < 1:
-        return [], -1
-    arr = np.asarray(tokens)
-    # Candidates: earlier positions holding the last token (the suffix's own end excluded).
-    ends = np.flatnonzero(arr[: length - 1] == arr[-1])
-    best_n, found = 0, []
-    for end in ends[::-1]:  # latest first
-        n = 1
-        limit = min(max_n, end + 1)
-        while n < limit and arr[end - n] == arr[length - 1 - n]:
-            n += 1
-        if n > best_n:
-            best_n, found = n, []
-        if n == best_n:
-            found.append(int(end))
-    if best_n < min_n:
-        return [], -1
-    ahead = [end for end in found if end + 1 >= after]
-    if after and ahead:
-        end = min(ahead)
-    else:
-        end = next((e for e in found if length - 1 - e >= k), found[0])
-    return arr[end + 1 : end + 1 + k].tolist(), end + 1
-
-
-class DraftModelProposer:
-    """Guesses with a draft model over its own paged KV cache.
-
-    For each sequence the draft keeps how many of the sequence's tokens it has K/V for. A
-    proposal of K tokens first catches up (computes the tokens the draft has not seen, which
-    also yields guess 1), then runs K - 1 single-token steps; all sequences go in one batched
-    forward per step. `commit` rolls the draft's cache back to what the target accepted.
-    A sequence the draft cannot hold (its pool is full) simply gets no guesses.
-    """
-
-    def __init__(self, runner: Any, blocks: Any) -> None:
-        self.runner = runner
-        self.blocks = blocks
-        self.computed: dict[int, int] = {}
-
-    @torch.inference_mode()
-    def propose(self, requests: Sequence[tuple[Any, list[int], int]]) -> dict[int, Proposal]:
-        """requests: (sequence, its tokens, K) per decoding sequence."""
-        from jupyter_llm.backends.native.model_runner import StepItem
-
-        guesses: dict[int, list[int]] = {}
-        probs: dict[int, list[torch.Tensor]] = {}
-        active = []
-        for seq, tokens, k in requests:
-            if seq.seq_id not in self.computed:
-                if not self.blocks.can_allocate(len(tokens)):
-                    continue
-                self.computed[seq.seq_id] = self.blocks.allocate(seq.seq_id, tokens)
-            elif self.computed[seq.seq_id] >= len(tokens):  # the last token's logits are needed again
-                self.commit(seq.seq_id, len(tokens) - 1)
-                if seq.seq_id not in self.computed:
-                    continue
-            active.append((seq, tokens, k))
-            guesses[seq.seq_id], probs[seq.seq_id] = [], []
-        for step in range(max((k for _, _, k in active), default=0)):
-            items, stepping = [], []
-            for seq, tokens, k in active:
-                if step >= k:
-                    continue
-                known = tokens + guesses[seq.seq_id]  # step 0 catches up; later steps feed the last guess
-                start, end = self.computed[seq.seq_id], len(known)
-                if not self.blocks.append_slots(seq.seq_id, known, end - start):
-                    self.remove(seq.seq_id)
-                    continue
-                items.append(StepItem(seq.seq_id, known[start:end], start, self.blocks.block_table(seq.seq_id),
-                                      self.blocks.slot_mapping(seq.seq_id, start, end)))
-                stepping.append(seq)
-                self.computed[seq.seq_id] = end
-            if not items:
-                break
-            logits = self.runner.run(items)
-            if logits.device.type != "cpu":
-                logits = logits.cpu()
-            for row, seq in enumerate(stepping):
-                token, q = draft_sample(logits[row : row + 1], seq.sampling)
-                guesses[seq.seq_id].append(token)
-                if q is not None:
-                    probs[seq.seq_id].append(q)
-            active = [a for a in active if a[0].seq_id in self.computed]
-        return {sid: Proposal(g, torch.cat(probs[sid]) if probs[sid] else None)
-                for sid, g in guesses.items() if g and sid in self.computed}
-
-    def commit(self, seq_id: int, num_valid: int) -> None:
-        """Keep the draft's K/V of the sequence's first `num_valid` tokens only."""
-        computed = self.computed.get(seq_id)
-        if computed is None or computed <= num_valid:
-            return
-        try:
-            copies = self.blocks.truncate(seq_id, num_valid)
-        except RuntimeError:  # no block for a copy-on-write: start this sequence over in the draft
-            self.remove(seq_id)
-            return
-        self.runner.kv_pool.copy_blocks(copies)
-        self.computed[seq_id] = num_valid
-
-    def remove(self, seq_id: int) -> None:
-        if self.computed.pop(seq_id, None) is not None:
-            self.blocks.free(seq_id)
-
-
-def draft_sample(logits: torch.Tensor, state: SamplingState) -> tuple[int, torch.Tensor | None]:
-    """One guess from [1, V] draft logits with the sequence's sampling parameters: the argmax
-    for a greedy request (q is then one-hot: None), else a draw from q (returned, [1, V])."""
-    if state.params.greedy:
-        return int(logits.argmax()), None
-    q = normalized(processed_probs(logits, [state]))
-    return int(draw(q, [state])[0]), q
-
-
-def normalized(probs: torch.Tensor) -> torch.Tensor:
-    return probs / probs.sum(dim=-1, keepdim=True)
-
-
-# -- verification ----------------------------------------------------------------------
-
-
-def verify(logits: torch.Tensor, proposal: Proposal, state: SamplingState) -> list[int]:
-    """The tokens a sequence emits this step: the accepted guesses, then one token of the
-    target's own (a replacement for the first rejected guess, or a bonus after all K).
-
-    logits: the target's [K + 1, V] rows for the positions of the last known token and of
-    each guess. Does not touch `state` (the caller appends what it emits)."""
-    guesses = proposal.tokens
-    k = len(guesses)
-    if state.params.greedy:
-        best = logits.argmax(dim=-1).tolist()
-        accepted = 0
-        while accepted < k and guesses[accepted] == best[accepted]:
-            accepted += 1
-        return guesses[:accepted] + [best[accepted]]
-    p = normalized(processed_probs(logits, [state] * (k + 1)))
-    if proposal.probs is None:  # deterministic guesses: q is one-hot
-        q_of_guess = torch.ones(k)
-    else:
-        q_of_guess = proposal.probs[torch.arange(k), guesses]
-    p_of_guess = p[torch.arange(k), guesses]
-    uniforms = torch.rand(k, generator=state.generator)
-    accept = uniforms * q_of_guess < p_of_guess  # u < p / q, without dividing by a zero q
-    accepted = k if bool(accept.all()) else int((~accept).nonzero()[0])
-    if accepted == k:
-        return guesses + [int(draw(p[k : k + 1], [state])[0])]
-    if proposal.probs is None:
-        residual = p[accepted].clone()
-        residual[guesses[accepted]] = 0.0
-    else:
-        residual = (p[accepted] - proposal.probs[accepted]).clamp_(min=0.0)
-    if float(residual.sum()) <= 0.0:  # p == q on the support: fall back to p itself
-        residual = p[accepted]
-    return guesses[:accepted] + [int(draw(residual.unsqueeze(0), [state])[0])]
-
-
 # -- back-off and statistics ----------------------------------------------------------
 
 
 class Backoff:
-    """Per-sequence back-off. A verification costs more than a plain decode step (about 1.2-1.5x
-    on a CPU), so guessing pays only while guesses are accepted: the sequence keeps a moving
-    average of accepted tokens per verification, and while it is below MIN_GAIN the sequence
-    skips guessing for 1, 2, 4... up to MAX_SKIP steps between tries. In open-ended text the
+    """Per-sequence back-off. A verification costs more than a plain decode step, so guessing
+    pays only while guesses are accepted: the sequence keeps a moving average of accepted
+    tokens per verification, and while it is below MIN_GAIN the sequence skips guessing for
+    1, 2, 4... up to MAX_SKIP steps between tries. In open-ended text the
     n-gram proposer then rarely costs a verification, while a sequence that copies its prompt
     keeps guessing through an occasional miss."""
 
@@ -403,7 +218,7 @@ class Speculator:
         self._backoff: dict[int, Backoff] = {}
         self._cursor: dict[int, int] = {}  # prompt lookup: where the last accepted copy ended
 
-    def propose(self, decoding: Sequence[tuple[Any, list[int]]], max_len: int) -> dict[int, Proposal]:
+    def propose(self, decoding: Sequence[tuple[EngineSequence, list[int]]], max_len: int) -> dict[int, Proposal]:
         """decoding: (sequence, its tokens) of every sequence whose next step is a decode."""
         config = self.config
         if not decoding or (config.disable_by_batch_size is not None and len(decoding) > config.disable_by_batch_size):

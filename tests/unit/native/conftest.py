@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from jupyter_llm.backends.native.config import ModelConfig
-from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
-from jupyter_llm.backends.native.model_runner import ModelRunner, StepItem
+from jupyter_llm.backends.native.model_runner import StepItem, build_runner
 from manager_helpers import load_keeping_default
 
 VOCAB = 96
@@ -57,9 +56,7 @@ class MiniEngine:
 
     def __init__(self, model, config: ModelConfig, num_blocks: int = 64, block_size: int = 4,
                  prefix_caching: bool = True) -> None:
-        dtype = next(model.parameters()).dtype
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
-        self.runner = ModelRunner(model, config, KVCachePool.for_model(config, num_blocks, block_size, dtype, "cpu"))
+        self.runner, self.blocks = build_runner(model, config, num_blocks, block_size, prefix_caching)
         self.tokens: dict[int, list[int]] = {}
         self.computed: dict[int, int] = {}
 

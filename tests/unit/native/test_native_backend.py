@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from jupyter_llm.backends.base import options_from_args
-from jupyter_llm.backends.native.backend import NativeBackend, NativeOptions, parse_memory
+from jupyter_llm.backends.native.backend import NativeBackend
 from jupyter_llm.backends.native.loader import load_model
+from jupyter_llm.backends.native.model_runner import prefill_logits
+from jupyter_llm.backends.native.options import NativeOptions, parse_memory
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.schema import SamplingParams
 
@@ -35,14 +37,12 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-def last_logits(model, config, prompt_ids: list[int], engine_cls) -> torch.Tensor:
-    engine = engine_cls(model, config, num_blocks=64, block_size=16)
-    engine.add(0, prompt_ids)
-    return engine.step({0: len(prompt_ids)})[0][-1]
+def last_logits(model, config, prompt_ids: list[int]) -> torch.Tensor:
+    return prefill_logits(model, config, prompt_ids, num_logits=len(prompt_ids))[-1]
 
 
 @pytest.mark.parametrize("folder_fixture", ["tiny_llama", "tiny_gpt2"])
-def test_greedy_and_logits_equal_transformers_on_tiny_checkpoints(manager, folder_fixture, request, engine_cls):
+def test_greedy_and_logits_equal_transformers_on_tiny_checkpoints(manager, folder_fixture, request):
     from transformers import AutoModelForCausalLM
 
     folder = request.getfixturevalue(folder_fixture)
@@ -57,7 +57,7 @@ def test_greedy_and_logits_equal_transformers_on_tiny_checkpoints(manager, folde
             assert completion.token_ids == hf_greedy(hf, ids, GREEDY.max_tokens), prompt
             with torch.inference_mode():
                 expected = hf(torch.tensor([ids])).logits[0, -1]
-            got = last_logits(backend.model, backend.model_config, ids, engine_cls)
+            got = last_logits(backend.model, backend.model_config, ids)
             assert (got - expected).abs().max().item() < 1e-3
     finally:
         manager.unload(name)
@@ -65,7 +65,7 @@ def test_greedy_and_logits_equal_transformers_on_tiny_checkpoints(manager, folde
 
 @pytest.mark.embedded
 @pytest.mark.slow
-def test_embedded_model_greedy_equals_transformers_token_for_token(manager, embedded_hf, embedded_native, engine_cls):
+def test_embedded_model_greedy_equals_transformers_token_for_token(manager, embedded_hf, embedded_native):
     hf = manager.get(embedded_hf).hf_model
     native = manager.get(embedded_native)
     prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):",
@@ -80,7 +80,7 @@ def test_embedded_model_greedy_equals_transformers_token_for_token(manager, embe
         assert completion.token_ids == hf_greedy(hf, ids, 64), prompt
         with torch.inference_mode():
             expected = hf(torch.tensor([ids])).logits[0, -1].float()
-        got = last_logits(native.model, native.model_config, ids, engine_cls)
+        got = last_logits(native.model, native.model_config, ids)
         assert (got - expected).abs().max().item() < 1e-3, prompt
 
 
@@ -215,17 +215,18 @@ def test_prefix_caching_can_be_turned_off(tiny_llama):
     assert backend.engine.blocks.enable_prefix_caching is False
 
 
-def test_int8_quantization_is_close_to_float32(tiny_llama, engine_cls):
-    from jupyter_llm.backends.native.quant import Int8Linear, quantize_int8
+def test_int8_quantization_is_close_to_float32(tiny_llama):
+    from jupyter_llm.backends.native.int8_linear import Int8Linear
+    from jupyter_llm.backends.native.quant import quantize_int8
 
     model, config = load_model(tiny_llama)
     ids = list(range(3, 40))
-    reference = last_logits(model, config, ids, engine_cls)
+    reference = last_logits(model, config, ids)
     quantize_int8(model)
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert len(linears) == 4 * config.num_layers + 1  # qkv, o, gate_up, down per layer + the tied lm_head
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    got = last_logits(model, config, ids, engine_cls)
+    got = last_logits(model, config, ids)
     assert torch.nn.functional.cosine_similarity(got, reference, dim=0) > 0.99
     assert (got - reference).abs().max() < 0.1 * reference.abs().max()
 
@@ -311,12 +312,12 @@ def test_book_gpt2_folder_with_real_tiktoken(book_folder):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_loads_and_follows_float32(tiny_llama, dtype, engine_cls):
+def test_half_precision_loads_and_follows_float32(tiny_llama, dtype):
     backend = NativeBackend(str(tiny_llama), dtype=dtype, kv_cache_memory="1MiB")
     backend.load(progress=False)
     assert backend.engine.runner.kv_pool.k.dtype == getattr(torch, dtype)
     model32, config = load_model(tiny_llama)
     ids = list(range(3, 30))
-    got = last_logits(backend.model, backend.model_config, ids, engine_cls)
-    expected = last_logits(model32, config, ids, engine_cls)
+    got = last_logits(backend.model, backend.model_config, ids)
+    expected = last_logits(model32, config, ids)
     assert torch.nn.functional.cosine_similarity(got.float(), expected, dim=0) > 0.99

@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jupyter_llm.backends.inprocess import EngineSequence
-from jupyter_llm.backends.native.backend import build_engine
+from jupyter_llm.backends.native.engine import build_engine
 from jupyter_llm.backends.native.loader import load_model
+from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.schema import GenerationRequest, SamplingParams
 from tiny_models import tiny_llama_folder
 

@@ -12,17 +12,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jupyter_llm.backends.inprocess import EngineSequence
-from jupyter_llm.backends.native.backend import build_engine
+from jupyter_llm.backends.native.engine import build_engine
 from jupyter_llm.backends.native.loader import load_model
-from jupyter_llm.backends.native.speculative import (
-    Backoff,
-    Proposal,
-    SpeculationStats,
-    SpeculativeConfig,
-    ngram_propose,
-    verify,
-)
+from jupyter_llm.backends.native.proposers import ngram_propose
+from jupyter_llm.backends.native.speculative import Backoff, SpeculationStats, SpeculativeConfig
+from jupyter_llm.backends.native.verify import Proposal, verify
+from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.errors import ParamError
 from jupyter_llm.sampling import SamplingState, processed_probs
 from jupyter_llm.schema import GenerationRequest, SamplingParams
@@ -252,7 +247,7 @@ def run(eng, seqs: list[EngineSequence], max_steps: int = 2000) -> None:
             return
         for seq, _, _ in eng.step():
             if seq.seq_id in live and done(seq):
-                del seq.sampling.output_token_ids[seq.params.max_tokens:]
+                del seq.token_ids[seq.num_prompt_tokens + seq.params.max_tokens:]
                 eng.remove(seq)
                 live.discard(seq.seq_id)
     raise AssertionError("the engine did not finish")
@@ -444,7 +439,7 @@ def test_backend_refuses_bad_speculative_options_before_loading(manager, tiny_ll
 
 
 def test_a_draft_with_another_vocabulary_is_refused():
-    from jupyter_llm.backends.native.backend import same_vocabulary
+    from jupyter_llm.backends.native.draft import same_vocabulary
 
     class Hf:
         def __init__(self, vocab):

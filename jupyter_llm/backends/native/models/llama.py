@@ -42,13 +42,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, 1, head_dim / 2]. HF's rotate-half convention
-    (pairs (i, i + head_dim / 2)); the models below use `apply_rope_interleaved` instead."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 def interleave_rope_rows(weight: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     """Reorder the rows (output features) of a q or k projection, head by head, from HF's
     rotate-half order (pair i = features i and i + head_dim / 2) to adjacent pairs (2i, 2i + 1).

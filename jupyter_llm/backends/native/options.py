@@ -1,0 +1,68 @@
+"""The options of `%llm_backend native` and the memory sizes they accept."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from jupyter_llm.backends.base import BackendOptions
+from jupyter_llm.errors import ParamError
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+QUANTIZATIONS = ("int8",)
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+          "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+def parse_memory(value: float | str) -> int:
+    """Bytes from 1073741824, "1GiB", "512MiB", "1.5G" (K/M/G alone are binary units)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ParamError(f"--kv-cache-memory must be positive, got {value}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ParamError(f"--kv-cache-memory expects bytes or a size like 512MiB or 1GiB, got {value!r}")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ParamError(f"--kv-cache-memory must be positive, got {value!r}")
+    return size
+
+
+@dataclass
+class NativeOptions(BackendOptions):
+    """Options of `%llm_backend native` (names follow vLLM's)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (float64 for exactness tests)
+    quantization: str | None = None  # int8: dynamic int8 linear layers (CPU)
+    kv_cache_memory: int | str | None = None  # KV pool size: bytes or "1GiB" (default 1 GiB on CPU)
+    block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True  # --no-enable-prefix-caching turns it off
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int | None = None  # tokens per step (default 512 on CPU, 2048 on CUDA)
+    max_model_len: int | None = None  # prompt + output tokens (default: the model's context)
+    # Speculative decoding (see speculative.py); vLLM's speculative_config dict is accepted too.
+    speculative: str | None = None  # ngram | draft
+    speculative_config: dict | str | None = None
+    num_speculative_tokens: int | None = None  # guesses per step (default 5)
+    prompt_lookup_min: int | None = None  # ngram: shortest suffix to look up (default 1)
+    prompt_lookup_max: int | None = None  # ngram: longest suffix to look up (default 4)
+    draft_model: str | None = None  # draft: a model with the target's tokenizer (default: the target itself)
+    draft_quantization: str | None = None  # draft: int8
+    speculative_disable_by_batch_size: int | None = None  # no guesses while more sequences run
+
+    def check(self) -> None:
+        """Refuse values no device accepts (the device-dependent checks come with the device)."""
+        if self.dtype not in DTYPES:
+            raise ParamError(f"unknown dtype {self.dtype!r}; accepted: {', '.join(DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ParamError(f"unknown quantization {self.quantization!r}; accepted: int8")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ParamError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    def kv_cache_bytes(self) -> int | None:
+        """--kv-cache-memory in bytes (None: the device's default)."""
+        return None if self.kv_cache_memory is None else parse_memory(self.kv_cache_memory)
