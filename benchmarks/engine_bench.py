@@ -56,8 +56,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from jupyter_llm.bench.machine import machine_info, machine_line  # noqa: E402 (after the sys.path entry)
-from jupyter_llm.bench.metrics import percentile  # noqa: E402
+from jupyter_llm.bench.machine import machine_info, machine_line
+from jupyter_llm.bench.metrics import percentile
 
 ENGINES = ("native-fp32", "native-int8", "transformers", "llama.cpp", "onnx-fp32", "onnx-int8", "onnx-int4")
 SCENARIOS = ("uniform", "batch", "mixed", "single", "prefix", "quality")
@@ -556,7 +556,7 @@ def measure_memory(names: list[str], threads: int, size_args: list[str], kv: str
                    *size_args]
         if kv:
             command += ["--kv-cache-memory", kv]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             print(f"memory probe of {name} failed: {done.stderr[-2000:]}", flush=True)
@@ -671,7 +671,7 @@ def measure_quality(engines: dict[str, Engine], say: Any = print, tokenizer: Any
 # --- report --------------------------------------------------------------------------------------
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b != b or a != a or b == 0:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
         return None
     return a / b
 
@@ -705,13 +705,13 @@ def ratios(summary: dict[str, dict[str, float]], sizes: Sizes) -> list[tuple[str
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
-    if value is None or value != value:
+    if value is None or math.isnan(value):
         return "—"
     return f"{value:.{digits}f}"
 
 
 def fmt_fraction(value: float | None, total: int) -> str:
-    return "—" if value is None or value != value else f"{int(value)}/{total}"
+    return "—" if value is None or math.isnan(value) else f"{int(value)}/{total}"
 
 
 def metric_rows(sizes: Sizes) -> list[tuple[str, str, Any]]:
@@ -747,13 +747,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Engine benchmark {report['date']}{' (quick)' if report['quick'] else ''}",
         "",
-        f"Model: embedded SmolLM2-135M-Instruct (native and transformers: float32 weights converted from the "
+        (f"Model: embedded SmolLM2-135M-Instruct (native and transformers: float32 weights converted from the "
         f"Q4_1 GGUF; llama.cpp: the Q4_1 GGUF; onnx: ONNX Runtime GenAI exports of the float32 conversion with "
         f"fp32, int8 or int4 weights). Greedy, EOS ignored. Threads: {report['threads']} "
-        f"(torch intra-op, llama.cpp, ONNX Runtime intra-op). Median of {sizes.repeats} interleaved repeat(s).",
-        f"Machine: {machine_line(env)}; transformers {env['transformers']}, "
+        f"(torch intra-op, llama.cpp, ONNX Runtime intra-op). Median of {sizes.repeats} interleaved repeat(s)."),
+        (f"Machine: {machine_line(env)}; transformers {env['transformers']}, "
         f"llama-cpp-python {env['llama_cpp']}, onnxruntime-genai {env.get('onnxruntime_genai', '—')}; "
-        f"commit {env['commit']}.",
+        f"commit {env['commit']}."),
         "",
         "| metric | " + " | ".join(engines) + " |",
         "|---|" + "---:|" * len(engines),
@@ -769,15 +769,15 @@ def markdown(report: dict[str, Any]) -> str:
             " The targets below are meant for the full sizes (32 x 64 uniform, 64 mixed requests at "
             "concurrency 16, a 1,000-token prefix)." if any(target for _, _, target in measured) else "")]
     if any("exact_match" in numbers for numbers in summary.values()):
-        lines += ["", f"Quality, once per engine (not timed): exact match of {len(FACTS)} greedy completions of "
+        lines += ["", (f"Quality, once per engine (not timed): exact match of {len(FACTS)} greedy completions of "
                   f"{FACT_TOKENS} tokens, each prompt alone, whose first word must be the answer (\"The capital of "
                   "France is\" -> \"Paris\"); perplexity of a fixed text (a paragraph each of science, code and a "
                   "letter) from "
-                  "the engine's logits, every token after the first scored. The same token ids for every engine."]
+                  "the engine's logits, every token after the first scored. The same token ids for every engine.")]
     if any("peak_mib" in numbers for numbers in summary.values()):
-        lines += ["", "Memory: each engine alone in a fresh process (load, then one uniform batch); the peak "
+        lines += ["", ("Memory: each engine alone in a fresh process (load, then one uniform batch); the peak "
                   "includes Python and torch (the 'before loading' row). The native KV pool is preallocated "
-                  "(1 GiB on CPU unless --kv-cache-memory says otherwise)."]
+                  "(1 GiB on CPU unless --kv-cache-memory says otherwise).")]
     if measured:
         lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
     for label, value, target in measured:
@@ -816,7 +816,7 @@ def environment() -> dict[str, Any]:
         onnx_version = "not installed"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=5).stdout.strip() or "unknown"
+                                timeout=5, check=False).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {**machine_info(), "transformers": transformers.__version__,

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import math
 import os
 import statistics
 import sys
@@ -39,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from jupyter_llm.bench.machine import machine_info, machine_line  # noqa: E402 (after the sys.path entry)
+from jupyter_llm.bench.machine import machine_info, machine_line
 
 ENGINES = {
     "plain": {},
@@ -104,7 +105,7 @@ def acceptance(before: dict[str, int] | None, after: dict[str, int] | None) -> t
 
     measured = speculation_metrics(before, after)
     values = (measured.get("spec_acceptance_rate"), measured.get("spec_mean_accepted_length"))
-    return tuple(None if v is None or v != v else v for v in values)  # type: ignore[return-value]
+    return tuple(None if v is None or math.isnan(v) else v for v in values)  # type: ignore[return-value]
 
 
 def run_single(manager: Any, names: list[str], tokens: int, repeats: int) -> dict[str, Any]:
@@ -222,9 +223,9 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def markdown(report: dict[str, Any]) -> str:
     names = report["engines"]
     lines = [f"# Speculative decoding benchmark ({report['date']}{', quick' if report['quick'] else ''})", "",
-             f"Embedded SmolLM2-135M-Instruct, native float32, greedy, {report['threads']} threads, "
+             (f"Embedded SmolLM2-135M-Instruct, native float32, greedy, {report['threads']} threads, "
              f"{report['repeats']} interleaved repeat(s), medians; single-stream outputs up to "
-             f"{report['tokens']} tokens. {report['machine']}", "",
+             f"{report['tokens']} tokens. {report['machine']}"), "",
              "## Single stream: decode tokens/s (speed-up over plain; acceptance rate, mean accepted length)", "",
              "| task | kind | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for task, result in report["single"].items():
@@ -240,8 +241,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {task} ({result['engines']['plain']['tokens']} tok) | {result['kind']} | "
                      + " | ".join(cells) + " |")
     if report.get("concurrency"):
-        lines += ["", f"## Concurrency: output tokens/s of {report['requests']} requests (all tasks), "
-                  f"{report['concurrency_tokens']} tokens each (speed-up over plain)", "",
+        lines += ["", (f"## Concurrency: output tokens/s of {report['requests']} requests (all tasks), "
+                  f"{report['concurrency_tokens']} tokens each (speed-up over plain)"), "",
                   "| clients | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for level, result in report["concurrency"].items():
             plain = result["plain"]["output_tok_s"]

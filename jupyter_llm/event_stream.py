@@ -41,7 +41,7 @@ class EventStream:
             self._started = True
             async for event in self.manager.astream(self.requests, backend=self.backend_name):
                 self._events.put(event)
-        except BaseException as error:  # handed to the iterating thread
+        except BaseException as error:  # noqa: BLE001 handed to the iterating thread
             self._events.put(error)
         finally:
             self._events.put(self._END)

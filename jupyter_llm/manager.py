@@ -185,7 +185,7 @@ class EngineManager:
                 for index in sorted(unfinished):
                     await merged.put(TokenEvent(request.id, index, finish_reason="cancelled",
                                                 prompt_index=prompt_index))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 (the error reaches the caller through the merged stream)
                 await merged.put(error)
             finally:
                 with self._lock:
@@ -226,7 +226,7 @@ class EngineManager:
             try:
                 async for event in self.astream(requests, backend, max_queue):
                     caller.call_soon_threadsafe(handoff.put_nowait, event)
-            except BaseException as error:
+            except BaseException as error:  # noqa: BLE001 (handed to the caller's loop, which raises it)
                 caller.call_soon_threadsafe(handoff.put_nowait, error)
             finally:
                 caller.call_soon_threadsafe(handoff.put_nowait, done)
@@ -287,7 +287,7 @@ class EngineManager:
             backend = self._backends.pop(name)
             try:
                 self._run(backend.stop(), timeout)
-            except Exception:  # at exit, nothing may raise
+            except Exception:  # noqa: S110, BLE001 at exit, nothing may raise
                 pass
             # Then, without the loop (a starved or stuck loop must not leave a compute thread inside
             # torch or llama.cpp when the interpreter finalizes: that aborts the process).

@@ -37,7 +37,7 @@ def cuda_reason() -> tuple[bool, str]:
 
     try:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception as error:  # a broken driver: one line, not a CUDA traceback
+    except Exception as error:  # noqa: BLE001 a broken driver: one line, not a CUDA traceback
         return False, f"CUDA is not usable here ({type(error).__name__}: {error})"
     return (True, "") if count else (False, "no NVIDIA GPU is visible (torch.cuda.is_available() is False)")
 

@@ -59,7 +59,7 @@ def plot_result(result: BenchResult, compare: BenchResult | None = None):
     # ITL distribution of each target at its highest load
     top = {}
     for key in result.samples:
-        target, load = key.split("|", 1)
+        target, _load = key.split("|", 1)
         top[target] = key  # rows are in load order, so the last key wins
     labels = ["\n".join(textwrap.wrap(target, 14) + [key.split("|", 1)[1]]) for target, key in top.items()]
     data = [result.samples[k]["itl_ms"] or [float("nan")] for k in top.values()]

@@ -13,7 +13,7 @@ from jupyter_llm.schema import Message
 
 # Common English words that byte-level BPE tokenizers encode as one token each (with their
 # leading space), so a prompt of N words is about N tokens on every target.
-_WORDS = (
+_WORDS = (  # noqa: SIM905 (a wrapped paragraph reads better than 200 quoted words)
     "the of and to in is was for on that with as by at from his her they this which had are were but not have one "
     "all been their has more when will would who there can its time only new some could these two may first then do "
     "any like my now over such our man me even most made after also did many before must through back years where "

@@ -48,7 +48,7 @@ def _server_url() -> str | None:
         return None
     try:
         servers = runner.running_servers()
-    except Exception:
+    except Exception:  # noqa: BLE001 (the status bar shows no server rather than fail)
         return None
     return servers[0].url + "/v1" if servers else None
 
@@ -64,7 +64,7 @@ def status(manager: Any = None, server_url: Callable[[], str | None] = _server_u
     try:
         infos = manager.backends()
         inflight = manager.inflight()
-    except Exception:  # a backend loading or stopping right now: report what is safe
+    except Exception:  # noqa: BLE001 a backend loading or stopping right now: report what is safe
         return snapshot
     snapshot["backends"] = len(infos)
     snapshot["running"] = max(inflight, sum(int(i.running) for i in infos))
@@ -130,7 +130,7 @@ class LabBridge:
         for comm in comms:
             try:
                 comm.close()
-            except Exception:
+            except Exception:  # noqa: S110, BLE001 (a comm whose frontend went away)
                 pass
         self._wake.set()
 
@@ -148,7 +148,7 @@ class LabBridge:
                 manager = self.get_manager()
                 rows = backend_rows(manager) if manager is not None else []
                 self._send(comm, {"type": "table", "rows": rows, "id": data.get("id")})
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 (sent to the frontend as an error message)
                 self._send(comm, {"type": "error", "error": str(error), "id": data.get("id")})
         elif action == "status":
             with self._lock:
@@ -164,7 +164,7 @@ class LabBridge:
         with self._lock:  # one sender at a time (handlers on subshells, the push thread)
             try:
                 comm.send(data)
-            except Exception:
+            except Exception:  # noqa: S110, BLE001 (a frontend gone mid-send must not stop the others)
                 pass
 
     # --- pushes ---------------------------------------------------------------------------
@@ -183,7 +183,7 @@ class LabBridge:
                     return
             try:
                 current = self.snapshot()
-            except Exception:
+            except Exception:  # noqa: BLE001 (the push thread outlives a failing snapshot)
                 current = None
             if current is not None and current != self._last:
                 self._last = current
@@ -206,7 +206,7 @@ def register(ipython: Any) -> LabBridge | None:
         from comm import get_comm_manager
 
         comm_manager = get_comm_manager()
-    except Exception:
+    except Exception:  # noqa: BLE001 (outside a kernel there is no comm manager)
         return None
     with _bridge_lock:
         first = _bridge is None
@@ -217,7 +217,7 @@ def register(ipython: Any) -> LabBridge | None:
         comm_manager.register_target(TARGET, bridge.on_frontend_open)
     try:
         bridge.open_from_kernel()
-    except Exception:
+    except Exception:  # noqa: S110, BLE001 (no frontend yet: it opens the comm itself)
         pass
     return bridge
 
@@ -233,5 +233,5 @@ def unregister(ipython: Any) -> None:
         from comm import get_comm_manager
 
         get_comm_manager().unregister_target(TARGET, bridge.on_frontend_open)
-    except Exception:
+    except Exception:  # noqa: S110, BLE001 (the kernel may be shutting down)
         pass

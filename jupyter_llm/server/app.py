@@ -99,7 +99,7 @@ def create_app(manager: Any = None, settings: ServerSettings | None = None) -> F
     def model_card(name: str) -> dict[str, Any] | None:
         try:
             backend = manager.get(name)
-        except Exception:  # unloaded meanwhile
+        except Exception:  # noqa: BLE001 unloaded meanwhile
             return None
         return {"id": name, "object": "model", "created": started, "owned_by": "jupyter-llm",
                 "root": backend.model_name, "backend": backend.kind, "max_model_len": backend.max_model_len}

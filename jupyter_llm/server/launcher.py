@@ -133,7 +133,7 @@ def start_server(manager: Any, settings: ServerSettings, timeout: float = 30.0) 
         def run() -> None:
             try:
                 server.run(sockets=[sock])
-            except BaseException as error:  # reported by start_server
+            except BaseException as error:  # noqa: BLE001 reported by start_server
                 failures.append(error)
             finally:
                 sock.close()

@@ -83,7 +83,7 @@ class EngineCollector(Collector):
         for name in self.manager.names():
             try:
                 infos.append(self.manager.info(name))
-            except Exception:
+            except Exception:  # noqa: S112, BLE001 (a backend unloaded meanwhile is not listed)
                 continue
         return infos
 

@@ -247,7 +247,7 @@ class Generation:
         """The request's prompt ids by the backend's tokenizer: counted here, then handed down."""
         try:
             ids = backend.prompt_ids(request)
-        except Exception as error:  # e.g. lone surrogates, a chat template that refuses the roles
+        except Exception as error:  # noqa: BLE001 e.g. lone surrogates, a chat template that refuses the roles
             raise APIError(400, f"cannot tokenize the {param}: {error}", param=param, code="invalid_value") from None
         if not ids:
             raise APIError(400, f"the {param} is empty", param=param, code="invalid_value")
@@ -361,7 +361,7 @@ class Generation:
                 event = await stream.__anext__()
             except StopAsyncIteration:
                 event = None
-            except Exception as error:  # the backend failed mid-stream: the status line is gone
+            except Exception as error:  # noqa: BLE001 the backend failed mid-stream: the status line is gone
                 failure = backend_failure(error)
                 state["outcome"] = failure.code
                 yield sse(failure.body())

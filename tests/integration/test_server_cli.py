@@ -72,11 +72,12 @@ def test_a_taken_port_and_bad_options_are_one_line_errors(tiny_llama):
     with cli_server(tiny_args(tiny_llama)) as server:
         port = server.url.rsplit(":", 1)[1]
         taken = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "serve", "--backend", "hf", "--model",
-                                str(tiny_llama), "--port", port], capture_output=True, text=True, timeout=120)
+                                str(tiny_llama), "--port", port],
+                               capture_output=True, text=True, timeout=120, check=False)
     assert taken.returncode == 2
     assert taken.stderr.strip().splitlines()[-1] == (
         f"jupyter-llm: error: cannot listen on 127.0.0.1:{port}: it is already in use; "
         f"pick another --port (0 picks a free one)")
     bad = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "serve", "--rate-limit", "often"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("jupyter-llm: error: --rate-limit")

@@ -14,7 +14,7 @@ CLI = [sys.executable, "-m", "jupyter_llm.cli"]
 def test_generate_streams_to_the_terminal(tiny_llama):
     result = subprocess.run(CLI + ["generate", "--backend", "hf", "--model", str(tiny_llama), "Hello",
                                    "--max-tokens", "6", "--ignore-eos", "--temperature", "1", "--seed", "3"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "6 tokens" in result.stderr and "finish: length" in result.stderr
 
@@ -22,14 +22,14 @@ def test_generate_streams_to_the_terminal(tiny_llama):
 def test_batch_and_samples_print_each_output(tiny_llama):
     result = subprocess.run(CLI + ["generate", "--backend", "hf", "--model", str(tiny_llama), "a", "b",
                                    "-n", "2", "--max-tokens", "3", "--ignore-eos"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("--- prompt") == 4 and "4 outputs" in result.stderr
 
 
 def test_bad_input_is_one_line(tiny_llama):
     result = subprocess.run(CLI + ["generate", "--backend", "hf", "--model", str(tiny_llama), "x",
-                                   "--temperature", "-2"], capture_output=True, text=True, timeout=120)
+                                   "--temperature", "-2"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("jupyter-llm: error: temperature must be >= 0 (0 = greedy), "
                                                       "got -2.0")
@@ -45,11 +45,12 @@ def test_backend_options_reach_the_backend(tiny_llama):
     # a free --key value word and a --backend-option item, both real hf options
     ok = subprocess.run(CLI + ["generate", "--backend", "hf", "--model", str(tiny_llama), "Hello",
                                "--max-num-seqs", "1", "--backend-option", "dtype=float32", "--threads", "1",
-                               "--max-tokens", "3", "--ignore-eos"], capture_output=True, text=True, timeout=120)
+                               "--max-tokens", "3", "--ignore-eos"],
+                        capture_output=True, text=True, timeout=120, check=False)
     assert ok.returncode == 0, ok.stderr
     assert "3 tokens" in ok.stderr
     bad = subprocess.run(CLI + ["generate", "--backend", "hf", "--model", str(tiny_llama), "--colour", "red", "Hi"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("jupyter-llm: error: unknown option(s) --colour for "
                                                           "backend 'hf'; accepted: --device")
@@ -59,11 +60,11 @@ def test_bench_loads_with_backend_options(tiny_llama):
     result = subprocess.run(CLI + ["bench", "--load", "hf", "--load-model", str(tiny_llama), "--num-prompts", "2",
                                    "--prompt-len", "4", "--max-tokens", "2", "--concurrency", "1", "--warmup", "0",
                                    "--no-plot", "--max-num-seqs", "1", "--backend-option", "threads=1"],
-                            capture_output=True, text=True, timeout=180)
+                            capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stderr
     assert "output_throughput" in result.stdout
     stray = subprocess.run(CLI + ["bench", "--url", "http://127.0.0.1:9/v1", "--threads", "1"],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
     assert stray.returncode == 2 and "add --load KINDS" in stray.stderr
 
 

@@ -175,7 +175,7 @@ def test_process_exits_promptly_without_shutdown(tiny_llama):
         print("started", flush=True)
     """)
     start = time.time()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "started" in result.stdout and time.time() - start < 30
 

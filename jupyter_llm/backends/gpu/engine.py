@@ -63,7 +63,7 @@ def build_outside_loop(build: Callable[[], T]) -> T:
     def run() -> None:
         try:
             result.append((True, build()))
-        except BaseException as error:  # re-raised in the caller's thread
+        except BaseException as error:  # noqa: BLE001 re-raised in the caller's thread
             result.append((False, error))
 
     thread = threading.Thread(target=run, name="jupyter-llm-engine-build", daemon=True)

@@ -144,7 +144,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         weights: dict[str, torch.Tensor] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as sf:
-                weights.update({k: sf.get_tensor(k) for k in sf.keys()})
+                weights.update({k: sf.get_tensor(k) for k in sf})
         return weights
     files = sorted(folder.glob("pytorch_model*.bin"))
     if not files:

@@ -251,7 +251,7 @@ class OpenAIBackend(Backend):
         try:
             try:
                 response = await self._open(request, index, prompt_tokens)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 (the reader raises it in the request's stream)
                 self.errors += 1
                 queue.put_nowait(error)
                 return

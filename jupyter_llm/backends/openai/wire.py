@@ -148,7 +148,7 @@ def sse_payload(line: str) -> dict[str, Any] | str | None:
         return None
     payload = json.loads(data)
     if not isinstance(payload, dict):
-        raise ValueError(f"a stream chunk is not a JSON object: {data[:200]}")
+        raise ValueError(f"a stream chunk is not a JSON object: {data[:200]}")  # noqa: TRY004 (callers catch bad JSON as ValueError)
     return payload
 
 

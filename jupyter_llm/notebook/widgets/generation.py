@@ -121,7 +121,7 @@ class Generation:
                 self._add(lane, event)
         except asyncio.CancelledError:
             lane.builder.cancel_unfinished()
-        except Exception as error:  # shown in the widget, never raised into a comm handler
+        except Exception as error:  # noqa: BLE001 shown in the widget, never raised into a comm handler
             self.errors.append(f"{lane.backend}: {error}")
             for c in lane.builder.completions():
                 if not c.finish_reason:

@@ -118,7 +118,7 @@ class Playground(anywidget.AnyWidget):
     @observe(*PARAM_TRAITS)
     def _check_params(self, change: Any) -> None:
         try:
-            self.params
+            _ = self.params  # building the params validates them
         except ParamError as error:
             self.error = self._param_error = str(error)
             return

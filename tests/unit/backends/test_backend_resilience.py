@@ -92,7 +92,7 @@ def test_a_retry_after_longer_than_max_wait_is_not_waited_for():
 
 def test_connection_failures_retry_then_fail_clearly():
     refused = httpx.ConnectError("connection refused")
-    result, calls = run_sends([refused, response(200)])
+    result, _calls = run_sends([refused, response(200)])
     assert result.status_code == 200
     with pytest.raises(BackendError, match="cannot reach http://x .*after 4 attempt"):
         run_sends([refused] * 4)

@@ -74,7 +74,7 @@ def test_this_cpu_is_read(tmp_path):
 
 def test_the_cli_prints_the_build_for_this_cpu():
     done = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "build-llamacpp", "--print"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     tag, args = done.stdout.splitlines()
     assert tag == choose_build(cpu_info()).tag and "-DGGML_NATIVE=OFF" in args and "-DGGML_AMX_TILE=OFF" in args

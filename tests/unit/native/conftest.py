@@ -18,10 +18,11 @@ def tiny_hf_model(kind: str, dtype: torch.dtype = torch.float32):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    llama = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0,
-    )
+    llama = {
+        "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 128, "rope_theta": 10000.0,
+    }
     configs = {
         "llama_gqa": lambda: LlamaConfig(**llama),
         "llama3_tied": lambda: LlamaConfig(

@@ -304,7 +304,7 @@ def test_book_gpt2_folder_with_real_tiktoken(book_folder):
         import tiktoken
 
         tiktoken.get_encoding("gpt2")
-    except Exception as error:  # no cached BPE file and no network
+    except Exception as error:  # noqa: BLE001 no cached BPE file and no network
         pytest.skip(f"tiktoken cannot load the gpt2 encoding offline: {error}")
     backend = NativeBackend(str(book_folder[0]), kv_cache_memory="1MiB")
     backend.load(progress=False)

@@ -41,7 +41,8 @@ def new_seq(prompt_idx: int, params_idx: int) -> EngineSequence:
 
 def engine_for(tiny_model, **kw):
     model, config = tiny_model
-    defaults = dict(num_blocks=64, block_size=4, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=MAX_LEN)
+    defaults = {"num_blocks": 64, "block_size": 4, "max_num_seqs": 16, "max_num_batched_tokens": 64,
+                "max_model_len": MAX_LEN}
     return build_engine(model, config, **{**defaults, **kw})
 
 

@@ -2,6 +2,8 @@
 order, preemption and recompute, and a hypothesis property over random interleavings."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -73,7 +75,7 @@ def test_chunked_prefill_keeps_decodes_running():
         if long.seq_id in by_seq:
             chunks_of_long.append((by_seq[long.seq_id].start, by_seq[long.seq_id].end))
     # 30 prompt tokens in chunks of at most 7 (8 minus the decode), contiguous, the last one samples
-    assert chunks_of_long[0][0] == 0 and all(a[1] == b[0] for a, b in zip(chunks_of_long, chunks_of_long[1:]))
+    assert chunks_of_long[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(chunks_of_long))
     assert chunks_of_long[-1][1] == 30 and len(long.output_ids) == 1
     assert all(e - s <= 7 for s, e in chunks_of_long)
 

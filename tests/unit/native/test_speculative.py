@@ -222,7 +222,8 @@ def tiny_draft(tiny_target):
 
 def engine(tiny_target, tiny_draft=None, spec: SpeculativeConfig | None = None, draft_blocks: int = 64, **kw):
     model, config = tiny_target
-    defaults = dict(num_blocks=64, block_size=4, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=MAX_LEN)
+    defaults = {"num_blocks": 64, "block_size": 4, "max_num_seqs": 16, "max_num_batched_tokens": 64,
+                "max_model_len": MAX_LEN}
     draft = (tiny_draft[0], tiny_draft[1], draft_blocks) if spec is not None and spec.method == "draft" else None
     return build_engine(model, config, speculative=spec, draft=draft, **{**defaults, **kw})
 

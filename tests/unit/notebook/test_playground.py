@@ -104,7 +104,7 @@ def test_bad_values_from_the_browser_become_a_message_not_an_exception(tiny_hf):
     widget.top_k = -5  # from Python the error shows too, and .params raises it
     assert "top_k must be >= 0" in widget.error
     with pytest.raises(ParamError, match="top_k must be >= 0"):
-        widget.params
+        _ = widget.params
 
 
 def test_generate_with_bad_settings_shows_the_error(tiny_hf):
@@ -271,7 +271,7 @@ def test_a_failing_backend_shows_its_error_in_the_widget(manager, tiny_hf):
 def test_an_unloaded_backend_is_a_message(manager, tiny_llama, tiny_hf):
     manager.load("hf", str(tiny_llama), name="tiny-hf-gone", progress=False)
     manager.use(tiny_hf)
-    widget, recorder = playground("tiny-hf-gone", max_tokens=3)
+    widget, _recorder = playground("tiny-hf-gone", max_tokens=3)
     manager.unload("tiny-hf-gone")
     click(widget, "generate")
     assert "no backend named 'tiny-hf-gone'" in widget.error and not widget.running
@@ -285,7 +285,7 @@ def test_messages_and_state_changes_from_several_threads(tiny_hf):
         try:
             for i in range(200):
                 from_browser(widget, temperature=0.1 + (i % 10) / 10, top_k=i % 5, prompt=f"p{i}")
-        except BaseException as error:  # noqa: BLE001
+        except BaseException as error:  # noqa: BLE001 (any failure in the thread fails the test)
             failures.append(error)
 
     widget.generate()

@@ -73,7 +73,7 @@ def test_chat_without_max_tokens_gets_the_rest_of_the_context_up_to_the_server_c
 
 
 def test_stream_matches_the_whole_answer_and_ends_with_usage_and_done(client):
-    body = dict(prompt="Once upon a time", max_tokens=12, seed=7, ignore_eos=True)
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "seed": 7, "ignore_eos": True}
     whole = post(client, "/v1/completions", **body)
     events = stream(client, "/v1/completions", stream_options={"include_usage": True}, **body)
     assert events[-1] == "[DONE]"
