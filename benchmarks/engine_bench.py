@@ -649,7 +649,7 @@ def measure_quality(engines: dict[str, Engine], say: Any = print, tokenizer: Any
     the embedded model's)."""
     if tokenizer is None:
         from jupyter_llm.model_files import ensure_hf_folder, resolve_model
-        from jupyter_llm.tokenization import load_tokenizer
+        from jupyter_llm.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(str(ensure_hf_folder(resolve_model(None), progress=False)))
     prompts = [tokenizer.encode(prompt) for prompt, _ in FACTS]

@@ -3,7 +3,7 @@ per-sample output processor that combines them (what turns sampled ids into `Tok
 from __future__ import annotations
 
 from jupyter_llm.schema import SamplingParams, TokenEvent, TokenLogprob
-from jupyter_llm.tokenization import TextTokenizer, Tokenizer
+from jupyter_llm.tokenizers import TextTokenizer, Tokenizer
 
 
 class IncrementalDetokenizer:

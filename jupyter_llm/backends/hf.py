@@ -16,14 +16,15 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from jupyter_llm.backends.base import BackendOptions, Capabilities
+from jupyter_llm.backends.base import Capabilities
 from jupyter_llm.backends.devices import resolve_device, torch_dtype
 from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, StepEngine
+from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.model_files import ensure_hf_folder, resolve_model
 from jupyter_llm.progress import steps
 from jupyter_llm.sampling import Sampler
-from jupyter_llm.tokenization import load_tokenizer
+from jupyter_llm.tokenizers import load_tokenizer
 
 
 @dataclass

@@ -26,7 +26,7 @@ from jupyter_llm.backends.tokenizer_api import TokenizerServices
 from jupyter_llm.errors import ParamError
 from jupyter_llm.output import SampleOutputProcessor
 from jupyter_llm.schema import GenerationRequest, PreparedRequest, TokenEvent
-from jupyter_llm.tokenization import Tokenizer
+from jupyter_llm.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 

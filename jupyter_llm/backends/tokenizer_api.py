@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jupyter_llm.backends.base import check_prompt_fits
 from jupyter_llm.schema import GenerationRequest, Message
-from jupyter_llm.tokenization import Tokenizer
+from jupyter_llm.tokenizers import Tokenizer
 
 
 class TokenizerServices:

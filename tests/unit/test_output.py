@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 from jupyter_llm.errors import ParamError
 from jupyter_llm.output import IncrementalDetokenizer, SampleOutputProcessor, StopMatcher
 from jupyter_llm.schema import MAX_STOP_CHARS, SamplingParams
-from jupyter_llm.tokenization import Tokenizer
+from jupyter_llm.tokenizers import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama):
-    from jupyter_llm.tokenization import load_tokenizer
+    from jupyter_llm.tokenizers import load_tokenizer
 
     return load_tokenizer(str(tiny_llama))
 

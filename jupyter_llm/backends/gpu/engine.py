@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from jupyter_llm.backends.base import Backend, BackendOptions
+from jupyter_llm.backends.base import Backend
 from jupyter_llm.backends.meter import TokenMeter
+from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.backends.tokenizer_api import TokenizerServices
 from jupyter_llm.errors import ParamError
 from jupyter_llm.schema import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob

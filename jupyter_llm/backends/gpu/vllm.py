@@ -24,7 +24,7 @@ from jupyter_llm.backends.gpu.engine import (
 )
 from jupyter_llm.model_files import ensure_hf_folder, resolve_model
 from jupyter_llm.schema import GenerationRequest, SamplingParams, TokenEvent
-from jupyter_llm.tokenization import Tokenizer, load_tokenizer
+from jupyter_llm.tokenizers import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from vllm import AsyncLLMEngine

@@ -22,15 +22,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from jupyter_llm.backends.base import BackendOptions, Capabilities
+from jupyter_llm.backends.base import Capabilities
 from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.backends.llamacpp.probe import probe
+from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.errors import BackendError
-from jupyter_llm.gguf_vocab import gguf_tokenizer
 from jupyter_llm.model_files import resolve_model
 from jupyter_llm.progress import steps
 from jupyter_llm.sampling import Sampler
+from jupyter_llm.tokenizers import gguf_tokenizer
 
 if TYPE_CHECKING:
     from llama_cpp import Llama

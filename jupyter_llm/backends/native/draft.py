@@ -15,7 +15,7 @@ from jupyter_llm.backends.native.quant import CALIBRATION_TEXT, quantize_int8
 from jupyter_llm.backends.native.speculative import SpeculativeConfig
 from jupyter_llm.errors import ParamError
 from jupyter_llm.model_files import resolve_model
-from jupyter_llm.tokenization import Tokenizer
+from jupyter_llm.tokenizers import Tokenizer
 
 
 def load_draft(speculative: SpeculativeConfig, target: nn.Module, target_config: ModelConfig, tokenizer: Tokenizer,

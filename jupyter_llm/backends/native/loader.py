@@ -22,7 +22,7 @@ from jupyter_llm.backends.native.models import build_model
 from jupyter_llm.backends.native.models.llama import interleave_rope_rows
 from jupyter_llm.backends.native.seed_gpt2 import TiktokenGPT2, is_seed_gpt2_folder, read_seed_gpt2_folder
 from jupyter_llm.model_files import ModelSpec, download_hub_model, ensure_hf_folder
-from jupyter_llm.tokenization import Tokenizer, load_tokenizer
+from jupyter_llm.tokenizers import Tokenizer, load_tokenizer
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -144,7 +144,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         weights: dict[str, torch.Tensor] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as sf:
-                weights.update({k: sf.get_tensor(k) for k in sf})
+                weights.update({k: sf.get_tensor(k) for k in sf.keys()})  # noqa: SIM118 (safe_open is not iterable)
         return weights
     files = sorted(folder.glob("pytorch_model*.bin"))
     if not files:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from jupyter_llm.backends.base import BackendOptions
+from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.errors import ParamError
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")

@@ -35,7 +35,7 @@ def read_seed_gpt2_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 class TiktokenGPT2:
     """tiktoken's GPT-2 encoding with the few methods of a transformers tokenizer that
-    `jupyter_llm.tokenization.Tokenizer` uses (for the book's GPT-2, which has no tokenizer.json)."""
+    `jupyter_llm.tokenizers.Tokenizer` uses (for the book's GPT-2, which has no tokenizer.json)."""
 
     EOS = "<|endoftext|>"
 

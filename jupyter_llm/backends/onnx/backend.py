@@ -26,15 +26,16 @@ import numpy as np
 import onnxruntime_genai as og
 import torch
 
-from jupyter_llm.backends.base import BackendOptions, Capabilities
+from jupyter_llm.backends.base import Capabilities
 from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, StepEngine
 from jupyter_llm.backends.onnx.export import PRECISIONS, PROVIDERS, export_folder, export_metadata, is_genai_folder
+from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.model_files import resolve_model
 from jupyter_llm.progress import steps
 from jupyter_llm.sampling import Sampler
-from jupyter_llm.tokenization import Tokenizer, load_tokenizer
+from jupyter_llm.tokenizers import Tokenizer, load_tokenizer
 
 DEFAULT_PRECISION = "int4"
 # Padding is marked by the pad id, and the generator masks EVERY trailing pad id, even a real

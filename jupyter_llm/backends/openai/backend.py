@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from jupyter_llm.backends.base import Backend, BackendOptions, Capabilities, check_prompt_fits
+from jupyter_llm.backends.base import Backend, Capabilities, check_prompt_fits
 from jupyter_llm.backends.meter import TokenMeter
 from jupyter_llm.backends.openai.resilience import CONNECTION_ERRORS, CircuitBreaker, RetryPolicy, send_with_retries
 from jupyter_llm.backends.openai.wire import (
@@ -41,11 +41,12 @@ from jupyter_llm.backends.openai.wire import (
     request_body,
     sse_payload,
 )
+from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.model_files import resolve_model
 from jupyter_llm.output import StopMatcher
 from jupyter_llm.schema import GenerationRequest, Message, TokenEvent, TokenLogprob
-from jupyter_llm.tokenization import Tokenizer, load_tokenizer
+from jupyter_llm.tokenizers import Tokenizer, load_tokenizer
 
 DEFAULT_MAX_MODEL_LEN = 131072  # when neither the server nor --max-model-len says
 _FINISH = {"length": "length", "abort": "cancelled", "cancelled": "cancelled"}
@@ -79,7 +80,7 @@ def local_tokenizer(name: str) -> Tokenizer:
     """The tokenizer of a model the registry resolves (GGUF: its vocabulary only; HF: tokenizer files)."""
     spec = resolve_model(name)
     if spec.is_gguf:
-        from jupyter_llm.gguf_vocab import load_gguf_tokenizer  # optional: needs llama_cpp, for GGUF files only
+        from jupyter_llm.tokenizers import load_gguf_tokenizer  # optional: needs llama_cpp, for GGUF files only
 
         return load_gguf_tokenizer(spec.path)
     return load_tokenizer(spec.path)

@@ -13,7 +13,7 @@ pytest.importorskip("llama_cpp")
 
 @pytest.fixture(scope="module")
 def tokenizer(embedded_model):
-    from jupyter_llm.gguf_vocab import load_gguf_tokenizer
+    from jupyter_llm.tokenizers import load_gguf_tokenizer
 
     return load_gguf_tokenizer(str(embedded_model))
 

@@ -104,7 +104,7 @@ def test_option_lists():
 def test_quality_agrees_between_native_and_transformers_on_a_tiny_model(tiny_llama):
     import torch
 
-    from jupyter_llm.tokenization import load_tokenizer
+    from jupyter_llm.tokenizers import load_tokenizer
 
     threads = torch.get_num_threads()
     native = eb.NativeEngine("bench-tiny-native", 1, None, "8MiB", model=str(tiny_llama))

@@ -10,11 +10,11 @@ import types
 import pytest
 import torch
 
-from jupyter_llm.backends.base import options_from_args
 from jupyter_llm.backends.native.backend import NativeBackend
 from jupyter_llm.backends.native.loader import load_model
 from jupyter_llm.backends.native.model_runner import prefill_logits
 from jupyter_llm.backends.native.options import NativeOptions, parse_memory
+from jupyter_llm.backends.options import options_from_args
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.schema import SamplingParams
 
