@@ -46,7 +46,7 @@ from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.model_files import resolve_model
 from jupyter_llm.output import StopMatcher
 from jupyter_llm.schema import GenerationRequest, Message, TokenEvent, TokenLogprob
-from jupyter_llm.tokenizers import Tokenizer, load_tokenizer
+from jupyter_llm.tokenizers import Tokenizer, load_gguf_tokenizer, load_tokenizer
 
 DEFAULT_MAX_MODEL_LEN = 131072  # when neither the server nor --max-model-len says
 _FINISH = {"length": "length", "abort": "cancelled", "cancelled": "cancelled"}
@@ -79,9 +79,7 @@ def normalize_url(url: str) -> str:
 def local_tokenizer(name: str) -> Tokenizer:
     """The tokenizer of a model the registry resolves (GGUF: its vocabulary only; HF: tokenizer files)."""
     spec = resolve_model(name)
-    if spec.is_gguf:
-        from jupyter_llm.tokenizers import load_gguf_tokenizer  # optional: needs llama_cpp, for GGUF files only
-
+    if spec.is_gguf:  # needs llama_cpp, imported by load_gguf_tokenizer
         return load_gguf_tokenizer(spec.path)
     return load_tokenizer(spec.path)
 
