@@ -193,14 +193,14 @@ class EngineManager:
                 await merged.put(None)
 
         tasks = []
-        with target.hold_admission():
-            with self._lock:
-                for i, request in enumerate(requests):
-                    task = asyncio.ensure_future(pump(i, request))
-                    self._inflight[request.id] = (name, task)
-                    tasks.append(task)
-            await asyncio.sleep(0)  # each pump runs up to its first wait: every request is submitted
-        try:
+        try:  # from the first pump on: a caller cancelled in any await below cancels every pump
+            with target.hold_admission():
+                with self._lock:
+                    for i, request in enumerate(requests):
+                        task = asyncio.ensure_future(pump(i, request))
+                        self._inflight[request.id] = (name, task)
+                        tasks.append(task)
+                await asyncio.sleep(0)  # each pump runs up to its first wait: every request is submitted
             remaining = len(tasks)
             while remaining:
                 item = await merged.get()

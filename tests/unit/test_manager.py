@@ -237,3 +237,31 @@ def test_hf_dtype_option(tiny_llama):
         assert m.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True))[0].completion_tokens == 3
     finally:
         m.shutdown()
+
+
+def test_a_consumer_cancelled_as_its_requests_are_submitted_leaves_nothing_running(monkeypatch):
+    """The tick in which astream lets every pump submit its request is inside the cleanup: a
+    caller cancelled right then (a client hanging up) does not leave its generation running."""
+    from jupyter_llm import backends
+
+    monkeypatch.setitem(backends.BUILTIN, "fake", "server_fake_backend:FakeBackend")
+    manager = EngineManager()
+    try:
+        manager.load("fake", progress=False)
+        fake = manager.get("fake")
+
+        async def cancel_at_submission() -> None:
+            stream = manager.astream(build_requests("slow", SamplingParams(max_tokens=1000)), "fake")
+            first = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0)  # astream has created the pumps and yields for them to submit
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            for _ in range(100):  # what is still running after the cancel had every chance to finish
+                if manager.inflight() == 0 and fake.running == 0:
+                    break
+                await asyncio.sleep(0.01)
+
+        manager.submit(cancel_at_submission()).result(timeout=30)
+        assert manager.inflight() == 0 and fake.running == 0
+    finally:
+        manager.shutdown()
