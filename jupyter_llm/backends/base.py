@@ -143,6 +143,11 @@ class Backend(ABC):
     def stats(self) -> dict[str, Any]:
         """Live numbers for status tables: running, waiting, and backend-specific ones."""
 
+    def health(self) -> str | None:
+        """None while the backend can serve requests, else why it cannot (the server's /health
+        answers 503 with it)."""
+        return None
+
     # --- tokenizer services ---------------------------------------------------------------
     @abstractmethod
     def tokenize(self, text: str) -> list[int]: ...

@@ -105,6 +105,11 @@ class InProcessBackend(TokenizerServices, Backend):
             self._thread.join(timeout)
         return self._thread is None or not self._thread.is_alive()
 
+    def health(self) -> str | None:
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return f"the compute thread of backend {self.kind!r} has stopped"
+        return None
+
     # --- generation -------------------------------------------------------------------
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Check a request and tokenize its prompt (raises ParamError): the request with its prompt
@@ -179,10 +184,14 @@ class InProcessBackend(TokenizerServices, Backend):
                 inbox: list[tuple[str, Any]] = []
                 if not self._held:
                     inbox, self._inbox = list(self._inbox), deque()
-            for kind, payload in inbox:
-                self._handle(kind, payload, live)
-            if self.engine.has_work():
-                self._step(live)
+            try:
+                for kind, payload in inbox:
+                    self._handle(kind, payload, live)
+                if self.engine.has_work():
+                    self._step(live)
+            except Exception as error:  # logged; fails the requests it had, never the thread
+                log.exception("engine step failed")
+                self._fail(live, error)
         for seq in list(live.values()):
             self._end(seq, live, seq.processor.abort("cancelled"))
 
@@ -204,6 +213,17 @@ class InProcessBackend(TokenizerServices, Backend):
         finally:
             seq.sink(event)
 
+    def _fail(self, live: dict[int, EngineSequence], error: Exception) -> None:
+        """End every live request with `error`: a failure in a step, in output processing or in a
+        request's bookkeeping costs the requests in flight, and the thread goes on serving."""
+        message = f"{type(error).__name__}: {error}"
+        for seq in list(live.values()):
+            live.pop(seq.seq_id, None)
+            try:
+                self._end(seq, live, seq.processor.abort("error", message))
+            except Exception:  # the next sequences must still be told
+                log.exception("could not end a failed request")
+
     def _step(self, live: dict[int, EngineSequence]) -> None:
         import torch
 
@@ -212,14 +232,7 @@ class InProcessBackend(TokenizerServices, Backend):
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         self.step_threads = torch.get_num_threads()
-        try:
-            outputs = self.engine.step()
-        except Exception as error:  # a failed step fails the sequences in it, not the engine
-            log.exception("engine step failed")
-            message = f"{type(error).__name__}: {error}"
-            for seq in list(live.values()):
-                self._end(seq, live, seq.processor.abort("error", message))
-            return
+        outputs = self.engine.step()  # what raises here or below fails the live requests (_run)
         # Count before sending: a caller that sees its last event must also see its tokens counted.
         self.meter.add(len(outputs))
         for seq, token_id, logprob in outputs:

@@ -83,11 +83,14 @@ def create_app(manager: Any = None, settings: ServerSettings | None = None) -> F
         return error_response(APIError(500, "The server had an error while processing your request",
                                        type="server_error"))
 
-    @app.get("/health", responses={503: {"description": "no model is loaded yet"}})
+    @app.get("/health", responses={503: {"description": "no model is loaded yet, or a backend cannot serve"}})
     async def health() -> JSONResponse:
         names = manager.names()
         if not names:
             return JSONResponse({"status": "no model loaded"}, status_code=503)
+        failing = {name: reason for name in names if (reason := manager.get(name).health())}
+        if failing:
+            return JSONResponse({"status": "unavailable", "models": names, "unavailable": failing}, status_code=503)
         return JSONResponse({"status": "ok", "models": names})
 
     @app.get("/metrics", response_class=Response)

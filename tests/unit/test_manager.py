@@ -265,3 +265,25 @@ def test_a_consumer_cancelled_as_its_requests_are_submitted_leaves_nothing_runni
         assert manager.inflight() == 0 and fake.running == 0
     finally:
         manager.shutdown()
+
+
+@pytest.mark.parametrize("where", ["output", "add"])
+def test_a_failure_outside_the_step_fails_its_requests_and_the_thread_serves_on(manager, tiny_hf, monkeypatch,
+                                                                                where):
+    """An exception in output processing or in taking a request in (outside the engine's step)
+    ends the requests in flight with an error; the compute thread keeps serving, /health stays ok."""
+    from jupyter_llm.output import SampleOutputProcessor
+
+    backend = manager.get(tiny_hf)
+    if where == "output":
+        monkeypatch.setattr(SampleOutputProcessor, "append", lambda *a: 1 / 0)
+    else:
+        monkeypatch.setattr(backend.engine, "add", lambda seq: 1 / 0)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    [failed] = manager.submit(manager.agenerate("Hello", params, backend=tiny_hf)).result(timeout=60)
+    assert failed.finish_reason == "error" and "ZeroDivisionError" in failed.error
+    assert backend.health() is None
+    monkeypatch.undo()
+    backend.engine.rows, backend.engine.removed = [], set()
+    [ok] = manager.submit(manager.agenerate("Hello", params, backend=tiny_hf)).result(timeout=60)
+    assert ok.finish_reason == "length" and ok.completion_tokens == 3

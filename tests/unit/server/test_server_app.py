@@ -186,6 +186,29 @@ def test_metrics_show_speculative_decoding(manager, tiny_llama, client):
         manager.unload("tiny-spec")
 
 
+def test_health_is_503_while_a_backend_cannot_serve(tiny_llama):
+    """A backend whose compute thread is gone makes /health answer 503 with the reason."""
+    fresh = EngineManager()
+    try:
+        fresh.load("hf", str(tiny_llama), name="tiny", progress=False)
+        backend = fresh.get("tiny")
+        with running_server(fresh) as handle, httpx.Client(base_url=handle.url, timeout=60) as c:
+            assert c.get("/health").status_code == 200
+            alive, dead = backend._thread, threading.Thread(target=lambda: None)
+            dead.start()
+            dead.join()
+            backend._thread = dead  # as if the compute thread had died
+            try:
+                answer = c.get("/health")
+            finally:
+                backend._thread = alive
+            assert answer.status_code == 503 and answer.json()["status"] == "unavailable"
+            assert "compute thread" in answer.json()["unavailable"]["tiny"]
+            assert c.get("/health").status_code == 200
+    finally:
+        fresh.shutdown()
+
+
 def test_health_is_503_until_a_model_is_loaded(tiny_llama):
     empty = EngineManager()
     try:
