@@ -60,8 +60,11 @@ def _uvicorn(app: Any, settings: ServerSettings, in_kernel: bool) -> Any:
     # In a kernel, uvicorn must not reconfigure the process's logging (its records would
     # land in whatever cell runs); warnings and errors still reach stderr.
     extra = {"log_config": None} if in_kernel else {}
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: only from the proxies named here.
+    proxies = {"proxy_headers": True, "forwarded_allow_ips": list(settings.forwarded_allow_ips)} \
+        if settings.forwarded_allow_ips else {"proxy_headers": False}
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=round(settings.shutdown_timeout) + 5, **extra)
+                            timeout_graceful_shutdown=round(settings.shutdown_timeout) + 5, **proxies, **extra)
     return Server(config)
 
 

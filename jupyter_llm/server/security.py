@@ -99,7 +99,7 @@ def route_path(scope: Scope) -> str:
 
 
 class GuardMiddleware:
-    """On /v1 routes: a valid key when keys are set (401), then the rate limit (429).
+    """On /v1 routes: the rate limit (429), then a valid key when keys are set (401).
     On every route: bodies larger than `max_body_bytes` get 413."""
 
     def __init__(self, app: ASGIApp, keys: KeyChecker, limiter: RateLimiter | None, max_body_bytes: int,
@@ -123,16 +123,19 @@ class GuardMiddleware:
 
     def _admit(self, scope: Scope) -> None:
         token = bearer_token(scope)
-        if self.keys.enabled and not (token and self.keys.valid(token)):
-            raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
+        valid = not self.keys.enabled or bool(token and self.keys.valid(token))
         if self.limiter is not None:
-            client = token if self.keys.enabled else (scope.get("client") or ("?",))[0]
+            # A valid key has its bucket; anything else is limited by address, so refused keys
+            # count too (guessing keys is rate limited).
+            client = token if self.keys.enabled and valid else (scope.get("client") or ("?",))[0]
             wait = self.limiter.retry_after(client)
             if wait > 0:
                 raise APIError(429, f"Rate limit reached ({self.limiter.rate:g} requests/s); retry in {wait:.2f} s",
                                type="requests", code="rate_limit_exceeded",
                                headers={"Retry-After": str(math.ceil(wait))})
+        if not valid:
+            raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
 
     async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive:
         """Read the whole body up to the bound (413 past it), then replay it to the app; later

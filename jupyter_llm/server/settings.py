@@ -22,6 +22,9 @@ class ServerSettings:
     rate_limit: float | None = None  # requests per second per key (or per client without keys)
     max_queue: int = 256  # prompts in flight in this server; more get 503
     cors_origins: tuple[str, ...] = ()
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed; none by default, so a client
+    # cannot pick the address its rate-limit bucket is keyed on.
+    forwarded_allow_ips: tuple[str, ...] = ()
     max_body_bytes: int = 1_000_000
     max_n: int = 16  # most samples per prompt
     max_tokens: int = 4096  # most tokens per sample (the model's context bounds it further)
@@ -78,8 +81,10 @@ SERVE = ArgTable([
     (("--rate-limit",), {"metavar": "N/s", "help": "requests per second per key (default: no limit)"}),
     (("--max-queue",), {"type": int, "default": 256, "help": "prompts in flight before 503 (default 256)"}),
     (("--cors",), {"action": "append", "metavar": "ORIGIN", "help": "allow browser calls from ORIGIN (repeatable)"}),
+    (("--forwarded-allow-ips",), {"action": "append", "metavar": "IP",
+                                  "help": "believe X-Forwarded-For from this proxy address (repeatable; "
+                                          "default: none, the client address is the socket's)"}),
 ])
-add_serve_arguments = SERVE.add_to  # the name tests/unit/server/test_server_security.py builds its parser with
 
 
 def settings_from_args(args: Any) -> ServerSettings:
@@ -96,6 +101,7 @@ def settings_from_args(args: Any) -> ServerSettings:
         rate_limit=parse_rate(args.rate_limit) if args.rate_limit else None,
         max_queue=args.max_queue,
         cors_origins=tuple(args.cors or ()),
+        forwarded_allow_ips=tuple(args.forwarded_allow_ips or ()),
     )
 
 

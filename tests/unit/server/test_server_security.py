@@ -8,7 +8,7 @@ import pytest
 from jupyter_llm.errors import ParamError
 from jupyter_llm.server import security
 from jupyter_llm.server.security import KeyChecker, RateLimiter, TokenBucket
-from jupyter_llm.server.settings import ServerSettings, add_serve_arguments, parse_rate, settings_from_args
+from jupyter_llm.server.settings import SERVE, ServerSettings, parse_rate, settings_from_args
 from server_helpers import assert_openai_error, running_server
 
 V1_ROUTES = [("GET", "/v1/models", None), ("GET", "/v1/models/tiny-hf", None),
@@ -51,6 +51,12 @@ def test_rate_limiter_forgets_the_least_recent_clients_past_its_bound():
 
 @pytest.fixture(scope="module")
 def keyed(manager, tiny_hf):
+    with running_server(manager, api_keys=("sk-right", "sk-other")) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def keyed_limited(manager, tiny_hf):
     with running_server(manager, api_keys=("sk-right", "sk-other"), rate_limit=3.0) as handle:
         yield handle
 
@@ -74,9 +80,9 @@ def test_health_and_metrics_need_no_key(keyed):
     assert httpx.get(keyed.url + "/metrics").status_code == 200
 
 
-def test_rate_limit_is_429_with_retry_after_per_key(keyed):
+def test_rate_limit_is_429_with_retry_after_per_key(keyed_limited):
     def models(key):
-        return httpx.get(keyed.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        return httpx.get(keyed_limited.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
     statuses = [models("sk-right") for _ in range(6)]
     assert statuses[0].status_code == 200
@@ -89,7 +95,7 @@ def test_rate_limit_is_429_with_retry_after_per_key(keyed):
 def test_default_bind_is_loopback(manager, tiny_hf):
     assert ServerSettings().host == "127.0.0.1"
     parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
+    SERVE.add_to(parser)
     assert settings_from_args(parser.parse_args([])).host == "127.0.0.1"
     with running_server(manager) as handle:
         assert handle.url.startswith("http://127.0.0.1:")
@@ -133,7 +139,7 @@ def test_parse_rate_refuses_nonsense(text):
 
 def test_settings_from_args_reads_the_key_from_the_environment(monkeypatch):
     parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
+    SERVE.add_to(parser)
     monkeypatch.setenv("MY_LLM_KEY", "sk-env")
     settings = settings_from_args(parser.parse_args(["--api-key-env", "MY_LLM_KEY", "--api-key", "sk-1",
                                                      "--rate-limit", "10/s", "--port", "0", "--cors", "http://a"]))
@@ -182,3 +188,30 @@ def test_keys_hold_when_the_app_is_mounted_under_a_prefix(manager, tiny_hf):
         listed = client.get("/llm/v1/models", headers={"Authorization": "Bearer sk-right"})
     assert_openai_error(refused, 401, code="invalid_api_key")
     assert listed.status_code == 200 and listed.json()["object"] == "list"
+
+
+def test_refused_keys_count_against_the_rate_limit(manager, tiny_hf):
+    """Guessing keys is rate limited: refused requests take from their address's bucket."""
+    with running_server(manager, api_keys=("sk-right",), rate_limit=1.0) as handle:
+        statuses = [httpx.get(handle.url + "/v1/models", headers={"Authorization": f"Bearer sk-guess-{i}"},
+                              timeout=30).status_code for i in range(4)]
+    assert statuses[0] == 401 and 429 in statuses
+
+
+def _statuses_with_forwarded_for(handle, count: int) -> list[int]:
+    return [httpx.get(handle.url + "/v1/models", headers={"X-Forwarded-For": f"203.0.113.{i}"},
+                      timeout=30).status_code for i in range(count)]
+
+
+def test_a_client_cannot_pick_its_rate_limit_bucket_with_forwarded_headers(manager, tiny_hf):
+    with running_server(manager, rate_limit=1.0) as handle:
+        assert 429 in _statuses_with_forwarded_for(handle, 4)  # one bucket: the socket's address
+
+
+def test_forwarded_headers_are_believed_from_the_proxies_named(manager, tiny_hf):
+    with running_server(manager, rate_limit=1.0, forwarded_allow_ips=("127.0.0.1",)) as handle:
+        assert _statuses_with_forwarded_for(handle, 4) == [200] * 4  # a bucket per forwarded client
+    parser = SERVE.add_to(argparse.ArgumentParser())
+    args = parser.parse_args(["--forwarded-allow-ips", "10.0.0.1", "--forwarded-allow-ips", "10.0.0.2"])
+    assert settings_from_args(args).forwarded_allow_ips == ("10.0.0.1", "10.0.0.2")
+    assert settings_from_args(parser.parse_args([])).forwarded_allow_ips == ()
