@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jupyter_llm.schema import SamplingParams
+from jupyter_llm.schema import MIN_TEMPERATURE, SamplingParams
 
 _SEED_STRIDE = 1_000_003  # sample j > 0 of a seeded request uses seed + j * stride
 
@@ -72,7 +72,10 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.
         if p.repetition_penalty != 1.0:
             penalized = torch.where(logits[row] > 0, logits[row] / p.repetition_penalty,
                                     logits[row] * p.repetition_penalty)
-            logits[row] = torch.where(seen, penalized, logits[row])
+            # A vanishing or huge penalty overflows to inf (then NaN in softmax): clamp to a bound
+            # that even the smallest temperature can divide without overflowing.
+            bound = torch.finfo(logits.dtype).max * MIN_TEMPERATURE / 4
+            logits[row] = torch.where(seen, penalized.clamp(-bound, bound), logits[row])
         if p.frequency_penalty:
             logits[row] -= p.frequency_penalty * counts
         if p.presence_penalty:

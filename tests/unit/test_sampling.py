@@ -107,3 +107,19 @@ def test_a_vanishing_temperature_decodes_greedily_not_into_nan(temperature):
     assert math.isfinite(out.logprobs[0][0])
     probs = processed_probs(logits, [tiny])
     assert not torch.isnan(probs).any() and probs[0, 2] == 1
+
+
+@pytest.mark.parametrize("penalty", [1e-37, 1e-45, 1e38])
+@pytest.mark.parametrize("temperature", [1.0, 1e-5, 0.0])
+def test_an_extreme_repetition_penalty_stays_finite(penalty, temperature):
+    """Dividing positive logits by a vanishing penalty (or multiplying by a huge one) overflows;
+    the penalized logits are clamped so that every row keeps a real distribution."""
+    logits = torch.tensor([[3.0, 2.0, 7.5, -1.0, 1.0]])
+    row = state(prompt=(0, 1, 3), repetition_penalty=penalty, temperature=temperature, seed=5)
+    probs = processed_probs(logits, [row])
+    assert torch.isfinite(probs).all() and float(probs.sum()) > 0
+    token = Sampler()(logits, [row]).token_ids[0]
+    if penalty < 1:  # a seen token (0, 1 or 3), favoured without bound: never garbage from a NaN row
+        assert token in (0, 1)
+    else:  # seen tokens pushed away: the unseen best wins at low temperature
+        assert token in (2, 4) and (temperature > 1e-5 or token == 2)
