@@ -28,6 +28,14 @@ class NoBackendError(BackendError):
     """No backend is loaded (or the named one is not)."""
 
 
+class UpstreamBusy(BackendError):
+    """The server a backend forwards to is overloaded (HTTP 429 or 503) and retries did not help."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, as the upstream's Retry-After said
+
+
 class CircuitOpenError(BackendError):
     """The breaker is open: the server failed repeatedly and is not tried until the cool-down ends."""
 

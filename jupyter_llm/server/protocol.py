@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError, UserError
+from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError, UpstreamBusy, UserError
 from jupyter_llm.schema import Completion, TokenLogprob
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -130,6 +130,9 @@ def user_error(error: UserError) -> APIError:
         return APIError(400, message, param=first if first in known else None, code="invalid_value")
     if isinstance(error, QueueFullError):
         return APIError(503, message, type="server_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(error, UpstreamBusy):  # overload upstream is overload here: the client may retry
+        wait = max(1, math.ceil(error.retry_after or 1))
+        return APIError(503, message, type="server_error", code="upstream_busy", headers={"Retry-After": str(wait)})
     if isinstance(error, NoBackendError):
         return APIError(404, message, param="model", code="model_not_found")
     if isinstance(error, BackendError):

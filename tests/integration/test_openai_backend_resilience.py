@@ -190,3 +190,24 @@ def test_cancel_closes_the_http_request(manager, server, load):
     while manager.get(name).stats()["running"] and time.time() < deadline:
         time.sleep(0.01)
     assert manager.get(name).stats()["running"] == 0
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_upstream_overload_is_our_503_with_its_retry_after(manager, server, load, status, tiny_llama):
+    """Through our server: an upstream that stays overloaded answers the client 503 with the
+    upstream's Retry-After (not a 500), and the upstream's answer stays the backend error's message."""
+    import httpx
+
+    from server_helpers import assert_openai_error, running_server
+
+    script, url = server
+    name = load(url, max_retries=0, tokenizer=str(tiny_llama))  # our server counts the prompt's tokens
+    script.actions.append(("status", status, {"Retry-After": "7"}))
+    with running_server(manager) as ours:
+        answer = httpx.post(ours.url + "/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2},
+                            timeout=30)
+        assert_openai_error(answer, 503, code="upstream_busy")
+        assert answer.headers["retry-after"] == "7" and f"HTTP {status}" in answer.json()["error"]["message"]
+        fine = httpx.post(ours.url + "/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2},
+                          timeout=30)
+        assert fine.status_code == 200  # the next request, not overloaded, is served

@@ -240,7 +240,8 @@ class OpenAIBackend(Backend):
             message = error_message(await response.aread())
             await response.aclose()
             raise refusal_error(response.status_code, message, self.url,
-                                self.max_model_len if self._max_model_len_known else None)
+                                self.max_model_len if self._max_model_len_known else None,
+                                response.headers.get("retry-after"))
         return response
 
     async def _sample(self, request: GenerationRequest, index: int, prompt_tokens: int | None,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from jupyter_llm.backends.base import Capabilities
-from jupyter_llm.errors import BackendError, ParamError
+from jupyter_llm.backends.openai.resilience import retry_after_seconds
+from jupyter_llm.errors import BackendError, ParamError, UpstreamBusy
 from jupyter_llm.schema import GenerationRequest, SamplingParams
 
 DIALECTS = ("auto", "vllm", "llamacpp", "openai")
@@ -170,15 +171,18 @@ def error_message(body: bytes | str) -> str:
     return text.strip()[:500]
 
 
-def refusal_error(status: int, message: str, target: str, max_model_len: int | None = None) -> Exception:
-    """The error to raise for a non-2xx answer: ParamError for a refused request, else BackendError."""
+def refusal_error(status: int, message: str, target: str, max_model_len: int | None = None,
+                  retry_after: str | None = None) -> Exception:
+    """The error to raise for a non-2xx answer: ParamError for a refused request, UpstreamBusy (with
+    the answer's Retry-After header, parsed) for overload, else BackendError."""
     if status in (401, 403):
         return BackendError(f"{target} refused the API key (HTTP {status}): {message}; "
                             f"give --api-key or --api-key-env")
     if status == 404:
         return BackendError(f"{target}: not found (HTTP 404): {message}; check --url and --model")
     if status in (429, 503):
-        return BackendError(f"{target} is busy (HTTP {status}) and retries did not help: {message}")
+        return UpstreamBusy(f"{target} is busy (HTTP {status}) and retries did not help: {message}",
+                            retry_after_seconds(retry_after))
     if 400 <= status < 500:
         if _CONTEXT_ERROR.search(message):
             known = f" (max_model_len {max_model_len})" if max_model_len else \
