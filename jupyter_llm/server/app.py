@@ -138,7 +138,8 @@ def create_app(manager: Any = None, settings: ServerSettings | None = None) -> F
 
     limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
     app.add_middleware(GuardMiddleware, keys=KeyChecker(settings.api_keys), limiter=limiter,
-                       max_body_bytes=settings.max_body_bytes, send_error=send_error)
+                       max_body_bytes=settings.max_body_bytes, send_error=send_error,
+                       allowed_hosts=settings.host_allow_list)
     if settings.cors_origins:  # outermost, so that preflight requests need no key
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])

@@ -81,6 +81,22 @@ class RateLimiter:
             return bucket.take(time.monotonic())
 
 
+def header(scope: Scope, name: bytes) -> str:
+    """A request header's value ("" when absent)."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def host_name(host: str) -> str:
+    """The name of a Host header, without its port: "[::1]:8000" -> "::1", "a.b:80" -> "a.b"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
 def bearer_token(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
@@ -99,20 +115,23 @@ def route_path(scope: Scope) -> str:
 
 
 class GuardMiddleware:
-    """On /v1 routes: the rate limit (429), then a valid key when keys are set (401).
-    On every route: bodies larger than `max_body_bytes` get 413."""
+    """On every route: a Host header from `allowed_hosts` (403; None allows any). On /v1 routes:
+    the rate limit (429), then a valid key when keys are set (401). On every route: bodies larger
+    than `max_body_bytes` get 413."""
 
     def __init__(self, app: ASGIApp, keys: KeyChecker, limiter: RateLimiter | None, max_body_bytes: int,
-                 send_error: ErrorSender):
+                 send_error: ErrorSender, allowed_hosts: frozenset[str] | None = None):
         self.app, self.keys, self.limiter = app, keys, limiter
         self.max_body_bytes = max_body_bytes
         self.send_error = send_error
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         try:
+            self._check_host(scope)
             if route_path(scope).startswith("/v1"):
                 self._admit(scope)
             receive = await self._bounded_body(scope, receive)
@@ -120,6 +139,15 @@ class GuardMiddleware:
             await self.send_error(error, scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def _check_host(self, scope: Scope) -> None:
+        if self.allowed_hosts is None:
+            return
+        host = header(scope, b"host")
+        if host_name(host) not in self.allowed_hosts:
+            raise APIError(403, f"Host {host!r} is not allowed; start the server with --allowed-host "
+                                f"{host_name(host) or 'NAME'} to answer it", type="invalid_request_error",
+                           code="host_not_allowed")
 
     def _admit(self, scope: Scope) -> None:
         token = bearer_token(scope)

@@ -25,6 +25,7 @@ class ServerSettings:
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed; none by default, so a client
     # cannot pick the address its rate-limit bucket is keyed on.
     forwarded_allow_ips: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host header values accepted beyond the defaults ("*": any)
     max_body_bytes: int = 1_000_000
     max_n: int = 16  # most samples per prompt
     max_tokens: int = 4096  # most tokens per sample (the model's context bounds it further)
@@ -51,6 +52,16 @@ class ServerSettings:
             return not ipaddress.ip_address(self.host).is_loopback
         except ValueError:  # a host name: assume it resolves to a public address
             return True
+
+    @property
+    def host_allow_list(self) -> frozenset[str] | None:
+        """The Host header names answered (None: any). Bound to loopback, only loopback names, so
+        that a web page cannot reach the server through DNS rebinding (as Jupyter Server does);
+        bound to another address, any name unless --allowed-host lists them."""
+        extra = {h.lower() for h in self.allowed_hosts}
+        if "*" in extra or (self.public and not extra):
+            return None
+        return frozenset({"localhost", "127.0.0.1", "::1", self.host.lower()} | extra)
 
     @property
     def warning(self) -> str | None:
@@ -84,6 +95,9 @@ SERVE = ArgTable([
     (("--forwarded-allow-ips",), {"action": "append", "metavar": "IP",
                                   "help": "believe X-Forwarded-For from this proxy address (repeatable; "
                                           "default: none, the client address is the socket's)"}),
+    (("--allowed-host",), {"action": "append", "metavar": "HOST",
+                           "help": "also answer requests whose Host header names HOST (repeatable; '*' any; "
+                                   "default on loopback: loopback names only)"}),
 ])
 
 
@@ -102,6 +116,7 @@ def settings_from_args(args: Any) -> ServerSettings:
         max_queue=args.max_queue,
         cors_origins=tuple(args.cors or ()),
         forwarded_allow_ips=tuple(args.forwarded_allow_ips or ()),
+        allowed_hosts=tuple(args.allowed_host or ()),
     )
 
 

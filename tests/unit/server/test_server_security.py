@@ -182,7 +182,7 @@ def test_keys_hold_when_the_app_is_mounted_under_a_prefix(manager, tiny_hf):
     from jupyter_llm.server.app import create_app
 
     app = create_app(manager, ServerSettings(api_keys=("sk-right",)))
-    with TestClient(Starlette(routes=[Mount("/llm", app=app)])) as client:
+    with TestClient(Starlette(routes=[Mount("/llm", app=app)]), base_url="http://localhost") as client:
         body = {"model": "tiny-hf", "prompt": "Hi", "max_tokens": 2}
         refused = client.post("/llm/v1/completions", json=body)
         listed = client.get("/llm/v1/models", headers={"Authorization": "Bearer sk-right"})
@@ -215,3 +215,43 @@ def test_forwarded_headers_are_believed_from_the_proxies_named(manager, tiny_hf)
     args = parser.parse_args(["--forwarded-allow-ips", "10.0.0.1", "--forwarded-allow-ips", "10.0.0.2"])
     assert settings_from_args(args).forwarded_allow_ips == ("10.0.0.1", "10.0.0.2")
     assert settings_from_args(parser.parse_args([])).forwarded_allow_ips == ()
+
+
+@pytest.mark.parametrize("host, allowed", [("evil.example", False), ("evil.example:8000", False),
+                                           ("localhost", True), ("127.0.0.1:1234", True), ("[::1]:80", True)])
+def test_a_loopback_server_answers_only_loopback_host_names(manager, tiny_hf, host, allowed):
+    """DNS rebinding: a page at evil.example that resolves to 127.0.0.1 sends Host: evil.example."""
+    with running_server(manager) as handle:
+        for path in ("/health", "/v1/models"):
+            answer = httpx.get(handle.url + path, headers={"Host": host}, timeout=30)
+            if allowed:
+                assert answer.status_code == 200, answer.text
+            else:
+                assert_openai_error(answer, 403, code="host_not_allowed")
+                assert "--allowed-host evil.example" in answer.json()["error"]["message"]
+
+
+def test_allowed_hosts_extend_the_list(manager, tiny_hf):
+    with running_server(manager, allowed_hosts=("llm.internal",)) as handle:
+        assert httpx.get(handle.url + "/health", headers={"Host": "llm.internal:8000"}, timeout=30).status_code == 200
+        assert httpx.get(handle.url + "/health", headers={"Host": "evil.example"}, timeout=30).status_code == 403
+    with running_server(manager, allowed_hosts=("*",)) as handle:
+        assert httpx.get(handle.url + "/health", headers={"Host": "anything"}, timeout=30).status_code == 200
+    assert ServerSettings(host="0.0.0.0").host_allow_list is None  # a public bind: reached by its names
+    assert "lab.example" in ServerSettings(host="0.0.0.0", allowed_hosts=("lab.example",)).host_allow_list
+    args = SERVE.add_to(argparse.ArgumentParser()).parse_args(["--allowed-host", "a.b", "--allowed-host", "c"])
+    assert settings_from_args(args).allowed_hosts == ("a.b", "c")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+def test_bodies_a_page_can_send_without_a_preflight_are_refused(manager, tiny_hf, content_type):
+    """A web page can POST these content types cross-origin without asking (no CORS preflight):
+    with no key set, they must still never start a generation."""
+    with running_server(manager) as handle:
+        headers = {"content-type": content_type} if content_type else {}
+        body = b'{"model": "tiny-hf", "prompt": "Hi", "max_tokens": 2}'
+        request = httpx.Request("POST", handle.url + "/v1/completions", content=body, headers=headers)
+        assert request.headers.get("content-type") == content_type  # httpx adds none to raw bytes
+        answer = httpx.Client(timeout=30).send(request)
+        assert answer.status_code == 400, answer.text
