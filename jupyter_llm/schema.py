@@ -137,6 +137,9 @@ class GenerationRequest:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     # Token ids of the prompt, when the caller already has them (then `prompt` may be None).
     prompt_token_ids: list[int] | None = None
+    # The prefix-cache namespace (vLLM's cache_salt): requests of different salts share no cached
+    # blocks, so time to first token reveals nothing of another salt's prompts.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_token_ids))
@@ -151,6 +154,8 @@ class GenerationRequest:
                        f"each chat message must be {{'role': str, 'content': str}}, got {message!r}")
         if self.prompt is not None:
             _check(isinstance(self.prompt, str), f"prompt must be a string, got {type(self.prompt).__name__}")
+        _check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""),
+               "cache_salt must be a non-empty string")
 
     @property
     def is_chat(self) -> bool:
@@ -171,7 +176,7 @@ class PreparedRequest(GenerationRequest):
         """`request` (same id) as checked by `backend`, with its prompt ids (default: the ones it carries)."""
         ids = request.prompt_token_ids if prompt_token_ids is None else prompt_token_ids
         return cls(prompt=request.prompt, messages=request.messages, params=request.params, id=request.id,
-                   prompt_token_ids=ids, backend=backend)
+                   prompt_token_ids=ids, cache_salt=request.cache_salt, backend=backend)
 
 
 @dataclass

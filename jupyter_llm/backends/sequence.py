@@ -35,6 +35,7 @@ class EngineSequence:
         self.request_id = request.id
         self.index = index
         self.params = request.params
+        self.cache_salt = request.cache_salt  # shares prefix-cache blocks only with the same salt
         self.token_ids: list[int] = list(prompt_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling = SamplingState(request.params, self.token_ids, index)

@@ -66,6 +66,7 @@ class SamplingFields(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)  # a prefix-cache namespace
     # accepted and refused unless empty, so that nothing is silently ignored
     logit_bias: dict[str, float] | None = None
     user: str | None = None
@@ -203,3 +204,16 @@ class ChatShape:
               first: bool) -> dict[str, Any]:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def message_text(content: str | list[Any], index: int) -> str:
+    """A message's content: a string, or text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"only text content parts are supported (message {index} has a {part.type!r} part)",
+                           param=f"messages.{index}.content", code="unsupported")
+        parts.append(part.text)
+    return "\n".join(parts)

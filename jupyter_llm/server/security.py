@@ -107,6 +107,15 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
+def cache_salt(scope: Scope, keys: KeyChecker, asked: str | None) -> str | None:
+    """The prefix-cache salt of a request: with keys, the key's own namespace (a digest, never the
+    key), so that time to first token tells nobody another key's prompts; then the client's own
+    `cache_salt` within it."""
+    token = bearer_token(scope) if keys.enabled else None
+    own = "key:" + _digest(token.encode("utf-8", "surrogateescape")).hex()[:32] if token else None
+    return "/".join(s for s in (own, asked) if s) or None
+
+
 def route_path(scope: Scope) -> str:
     """The path as this app routes it: under a mount (`Mount("/llm", app)`) the scope's path
     keeps the prefix, which `root_path` names."""

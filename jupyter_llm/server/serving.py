@@ -38,9 +38,11 @@ from jupyter_llm.server.protocol import (
     CompletionRequest,
     CompletionShape,
     SamplingFields,
+    message_text,
     usage,
     user_error,
 )
+from jupyter_llm.server.security import KeyChecker, cache_salt
 from jupyter_llm.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -149,15 +151,22 @@ class Generation:
 
     def __init__(self, manager: Any, settings: ServerSettings, metrics: ServerMetrics):
         self.manager, self.settings, self.metrics = manager, settings, metrics
+        self.keys = KeyChecker(settings.api_keys)
         self.inflight: set[str] = set()  # ids of this server's requests in flight (cancelled at shutdown)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        return await self._run(await _validate(self._completion_job, body, sum(map(len, prompts))), request)
+        job = await _validate(self._completion_job, body, sum(map(len, prompts)))
+        return await self._run(self._salted(job, request, body), request)
 
     async def chat(self, body: ChatRequest, request: Request) -> Response:
         size = sum(len(m.content) if isinstance(m.content, str) else len(str(m.content)) for m in body.messages)
-        return await self._run(await _validate(self._chat_job, body, size), request)
+        return await self._run(self._salted(await _validate(self._chat_job, body, size), request, body), request)
+
+    def _salted(self, job: Job, request: Request, body: SamplingFields) -> Job:
+        for prepared in job.requests:
+            prepared.cache_salt = cache_salt(request.scope, self.keys, body.cache_salt)
+        return job
 
     def cancel_all(self) -> None:
         for request_id in list(self.inflight):
@@ -189,7 +198,7 @@ class Generation:
                            code="unsupported")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content, i)}
                     for i, m in enumerate(body.messages)]
         ids = self._tokenize(backend, GenerationRequest(messages=messages), "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -382,16 +391,3 @@ async def _validate(make_job: Any, body: SamplingFields, text_size: int) -> Job:
     if text_size <= INLINE_TOKENIZE_CHARS:
         return make_job(body)
     return await anyio.to_thread.run_sync(make_job, body)
-
-
-def _text(content: str | list[Any], index: int) -> str:
-    """A message's content: a string, or text parts joined by newlines."""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise APIError(400, f"only text content parts are supported (message {index} has a {part.type!r} part)",
-                           param=f"messages.{index}.content", code="unsupported")
-        parts.append(part.text)
-    return "\n".join(parts)

@@ -15,6 +15,7 @@ Vocabulary:
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -142,10 +143,11 @@ class BlockManager:
         # Content hash of each block registered full by append_slots (else None); chains the next hash.
         self._block_hash: list[int | None] = [None] * num_blocks
         # (parent hash, token ids) per registered block, to tell hash collisions from hits.
-        self._block_key: dict[int, tuple[int | None, tuple[int, ...]]] = {}
+        self._block_key: dict[int, tuple[int | str | None, tuple[int, ...]]] = {}
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # unreferenced, unregistered
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, registered; LRU first
         self._hash_to_block: dict[int, int] = {}
+        self._salts: dict[int, str | None] = {}  # per sequence: the start of its hash chain
         self._tables: dict[int, list[int]] = {}
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found cached
@@ -177,8 +179,12 @@ class BlockManager:
 
     # -- mutations ----------------------------------------------------------------------
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, token_ids: Sequence[int], salt: str | None = None) -> int:
         """Give a new sequence a table covering its prompt; return num_cached_tokens.
+
+        `salt` starts the sequence's hash chain: blocks are shared only between sequences of
+        the same salt (vLLM's cache_salt), so that time to first token cannot tell one API key
+        another's prompt.
 
         num_cached_tokens is a multiple of block_size: the leading full blocks found in the
         prefix cache, which the prefill skips. The block holding the last prompt token is
@@ -189,11 +195,12 @@ class BlockManager:
         if not self.can_allocate(len(token_ids)):
             raise RuntimeError(f"not enough free KV blocks for {len(token_ids)} tokens")
         table: list[int] = []
+        self._salts[seq_id] = salt
         if self.enable_prefix_caching:
-            parent: int | None = None
+            parent: int | str | None = salt
             for i in range((len(token_ids) - 1) // self.block_size):
                 key = (parent, tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]))
-                block = self._hash_to_block.get(hash(key))
+                block = self._hash_to_block.get(_digest(key))
                 if block is None or self._block_key[block] != key:
                     break
                 if self._ref_count[block] == 0:
@@ -224,7 +231,7 @@ class BlockManager:
         if self.enable_prefix_caching:
             bs = self.block_size
             for i in range((len(token_ids) - num_new) // bs, len(token_ids) // bs):
-                parent = self._block_hash[table[i - 1]] if i else None
+                parent = self._block_hash[table[i - 1]] if i else self._salts.get(seq_id)
                 self._register(table[i], (parent, tuple(token_ids[i * bs : (i + 1) * bs])))
         return True
 
@@ -260,6 +267,7 @@ class BlockManager:
 
     def free(self, seq_id: int) -> None:
         """Release the sequence's blocks; registered ones stay in the prefix cache until evicted."""
+        self._salts.pop(seq_id, None)
         for block in reversed(self._tables.pop(seq_id)):  # tail first: evicted before the shared head
             self._release(block, keep_cached=True)
 
@@ -284,8 +292,8 @@ class BlockManager:
             self._unregister(block)
             self._free.append(block)
 
-    def _register(self, block: int, key: tuple[int | None, tuple[int, ...]]) -> None:
-        h = hash(key)
+    def _register(self, block: int, key: tuple[int | str | None, tuple[int, ...]]) -> None:
+        h = _digest(key)
         self._block_hash[block] = h
         if h not in self._hash_to_block:  # first wins; an equal block computed twice stays private
             self._hash_to_block[h] = block
@@ -296,3 +304,9 @@ class BlockManager:
         self._block_hash[block] = None
         if self._block_key.pop(block, None) is not None:
             del self._hash_to_block[h]
+
+
+def _digest(key: tuple[int | str | None, tuple[int, ...]]) -> int:
+    """A block's content hash: SHA-256 of (parent hash or salt, token ids). Python's `hash` of
+    ints is predictable, so crafted prompts could pile blocks onto one bucket."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:16], "little")

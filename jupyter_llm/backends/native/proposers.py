@@ -73,7 +73,7 @@ class DraftModelProposer:
             if seq.seq_id not in self.computed:
                 if not self.blocks.can_allocate(len(tokens)):
                     continue
-                self.computed[seq.seq_id] = self.blocks.allocate(seq.seq_id, tokens)
+                self.computed[seq.seq_id] = self.blocks.allocate(seq.seq_id, tokens, seq.cache_salt)
             elif self.computed[seq.seq_id] >= len(tokens):  # the last token's logits are needed again
                 self.commit(seq.seq_id, len(tokens) - 1)
                 if seq.seq_id not in self.computed:

@@ -185,7 +185,7 @@ class Scheduler:
             if blocks.blocks_needed(len(all_tokens)) + reserve > blocks.num_free_blocks():
                 break
             self.waiting.popleft()
-            start = seq.num_computed_tokens = blocks.allocate(seq.seq_id, all_tokens)
+            start = seq.num_computed_tokens = blocks.allocate(seq.seq_id, all_tokens, seq.cache_salt)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=attrgetter("arrival"))
             n = min(len(all_tokens) - start, budget)

@@ -29,6 +29,21 @@ def test_tables_and_slot_mapping():
     assert bm.num_free_blocks() == 8
 
 
+def test_a_salt_keeps_its_cached_blocks_to_itself():
+    """vLLM's cache_salt: a prefix computed under one salt is a hit only for the same salt."""
+    bm = BlockManager(16, BS)
+    prefix = [7, 1, 2, 3, 4, 5, 6, 8]
+    bm.allocate(0, prefix + [9], salt="key-a")
+    computed(bm, 0, prefix + [9])
+    assert bm.allocate(1, prefix + [1], salt="key-b") == 0  # another key: nothing shared
+    assert bm.allocate(2, prefix + [1]) == 0  # no salt is a namespace of its own too
+    assert bm.allocate(3, prefix + [1], salt="key-a") == 8  # the same key: its blocks
+    assert bm.block_table(3)[:2] == bm.block_table(0)[:2]
+    computed(bm, 1, prefix + [1])
+    bm.free(1)
+    assert bm.allocate(4, prefix + [2], salt="key-b") == 8  # key-b's own blocks, cached after free
+
+
 def test_shared_prefix_reuses_full_blocks_and_survives_free():
     bm = BlockManager(8, BS)
     prefix = [7, 1, 2, 3, 4, 5, 6, 8]

@@ -255,3 +255,30 @@ def test_bodies_a_page_can_send_without_a_preflight_are_refused(manager, tiny_hf
         assert request.headers.get("content-type") == content_type  # httpx adds none to raw bytes
         answer = httpx.Client(timeout=30).send(request)
         assert answer.status_code == 400, answer.text
+
+
+def test_the_prefix_cache_is_kept_apart_per_key_and_per_cache_salt(manager, tiny_llama):
+    """Time to first token must not tell one key another's prompt (vLLM's CVE-2025-25183): with
+    keys, each key (and each cache_salt a client sends) gets its own prefix-cache namespace."""
+    from manager_helpers import load_keeping_default
+
+    name = load_keeping_default(manager, "native", str(tiny_llama), name="tiny-salted", progress=False,
+                                kv_cache_memory="4MiB", max_num_batched_tokens=64)
+    blocks = manager.get(name).engine.blocks
+    prompt = " ".join(f"w{i}" for i in range(40))  # several full blocks
+    try:
+        with running_server(manager, api_keys=("sk-a", "sk-b")) as handle:
+            def hits_after(key: str, **extra) -> int:
+                before = blocks.prefix_cache_hits
+                answer = httpx.post(handle.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                                    json={"model": name, "prompt": prompt, "max_tokens": 1, **extra}, timeout=60)
+                assert answer.status_code == 200, answer.text
+                return blocks.prefix_cache_hits - before
+
+            hits_after("sk-a")
+            assert hits_after("sk-a") > 0  # the same key: its prompt's blocks are reused
+            assert hits_after("sk-b") == 0  # another key: computed afresh
+            assert hits_after("sk-a", cache_salt="tenant-2") == 0  # a client's own salt splits further
+            assert hits_after("sk-a", cache_salt="tenant-2") > 0
+    finally:
+        manager.unload(name)
