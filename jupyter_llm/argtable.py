@@ -13,6 +13,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jupyter_llm.backends.options import options_from_args
 from jupyter_llm.errors import ParamError
 from jupyter_llm.schema import SamplingParams
 
@@ -109,8 +110,6 @@ def split_backend_words(words: Sequence[str], parser: argparse.ArgumentParser) -
 def backend_options(words: Sequence[str], items: Sequence[str] | None = None) -> dict[str, Any]:
     """Backend options from free words (`--key value`...) and `--backend-option key=value` items;
     an item wins over a word of the same name. Keys take underscores: max_num_seqs."""
-    from jupyter_llm.backends.options import options_from_args
-
     options = options_from_args(list(words))
     for item in items or ():
         key, eq, value = item.partition("=")

@@ -98,10 +98,7 @@ class EngineManager:
 
     def load_default(self, progress: bool = True, **options: Any) -> BackendInfo:
         """The embedded model on the best backend that loads here (native, else hf), with the options."""
-        from jupyter_llm.backends import available_backends
-
-        loadable = {b.kind for b in available_backends() if b.available}
-        kind = next((k for k in PREFERRED_BACKENDS if k in loadable), None)
+        kind = next((k for k in PREFERRED_BACKENDS if backend_availability(k)[0]), None)
         if kind is None:
             raise BackendError("none of the backends that run the embedded model can load here; "
                                "see jupyter_llm.available_backends()")

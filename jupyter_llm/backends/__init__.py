@@ -102,8 +102,16 @@ def backend_availability(kind: str) -> tuple[bool, str]:
     targets = _targets()
     if kind not in targets:
         raise _unknown(kind, targets)
+    return _describe(kind)[:2]
+
+
+def _describe(kind: str) -> tuple[bool, str, str]:
+    """(available, why not, description) of a registered kind."""
     spec = _spec(kind)
-    return spec.availability() if spec is not None else backend_class(kind).availability()
+    if spec is not None:
+        return (*spec.availability(), spec.description)
+    cls = backend_class(kind)
+    return (*cls.availability(), cls.description)
 
 
 @dataclass
@@ -118,11 +126,8 @@ def available_backends() -> list[BackendAvailability]:
     """Every registered backend kind, whether it can load here and, if not, why."""
     rows = []
     for kind in _targets():
-        spec = _spec(kind)
         try:
-            ok, reason = backend_availability(kind)
-            description = spec.description if spec is not None else backend_class(kind).description
-            rows.append(BackendAvailability(kind, ok, reason, description))
+            rows.append(BackendAvailability(kind, *_describe(kind)))
         except BackendError as error:
             rows.append(BackendAvailability(kind, False, str(error), ""))
     return rows

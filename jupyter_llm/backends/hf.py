@@ -112,7 +112,7 @@ class HFStepEngine(StepEngine):
 
     def _decode(self) -> torch.Tensor:
         device = self.attention_mask.device
-        last = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=device)
+        last = torch.tensor([[s.token_ids[-1]] for s in self.rows], device=device)  # each row's last sampled token
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], 1)
         self.positions = self.positions + 1
         out = self.model(input_ids=last, attention_mask=self.attention_mask, position_ids=self.positions,

@@ -48,11 +48,17 @@ class EngineSequence:
 
     @property
     def prompt_ids(self) -> list[int]:
+        """A copy; the engines' per-step paths read `token_ids` and the counts instead."""
         return self.token_ids[:self.num_prompt_tokens]
 
     @property
     def output_ids(self) -> list[int]:
+        """A copy; the engines' per-step paths read `token_ids` and the counts instead."""
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def finished(self) -> bool:

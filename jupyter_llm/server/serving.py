@@ -164,8 +164,9 @@ class Generation:
         return await self._run(self._salted(await _validate(self._chat_job, body, size), request, body), request)
 
     def _salted(self, job: Job, request: Request, body: SamplingFields) -> Job:
+        salt = cache_salt(request.scope, self.keys, body.cache_salt)
         for prepared in job.requests:
-            prepared.cache_salt = cache_salt(request.scope, self.keys, body.cache_salt)
+            prepared.cache_salt = salt
         return job
 
     def cancel_all(self) -> None:

@@ -82,14 +82,14 @@ class LlamaCppStepEngine(StepEngine):
             self.evaluated = 0
             self.llama.reset()  # no KV reuse across requests: the same prompt always evaluates the same way
         seq = self.current
-        if self.evaluated < len(seq.prompt_ids):
-            chunk = seq.prompt_ids[self.evaluated:self.evaluated + self.n_batch]
+        if self.evaluated < seq.num_prompt_tokens:
+            chunk = seq.token_ids[self.evaluated:min(self.evaluated + self.n_batch, seq.num_prompt_tokens)]
             self.llama.eval(chunk)
             self.evaluated += len(chunk)
-            if self.evaluated < len(seq.prompt_ids):
+            if self.evaluated < seq.num_prompt_tokens:
                 return []  # more prompt chunks first; a cancel can land in between
         else:
-            self.llama.eval(seq.output_ids[-1:])
+            self.llama.eval(seq.token_ids[-1:])  # the last sampled token
         sampled = self.sampler(self._last_logits(), [seq.sampling])
         return [(seq, sampled.token_ids[0], sampled.logprobs[0])]
 

@@ -61,18 +61,13 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledChunk:
-    """Compute tokens[start:end] of a sequence in this step."""
+    """Compute seq.token_ids[start:end] in this step."""
 
     seq: EngineSequence
     start: int
     end: int
     samples: bool  # the chunk reaches the sequence's last token (when scheduled): its logits give the next one
     guesses: list[int] = field(default_factory=list)  # speculative tokens computed after tokens[end - 1]
-
-    @property
-    def tokens(self) -> list[int]:
-        """The sequence's tokens (its own list: read, don't modify)."""
-        return self.seq.token_ids
 
     @property
     def num_tokens(self) -> int:

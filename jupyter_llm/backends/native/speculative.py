@@ -231,7 +231,7 @@ class Speculator:
             if params.uses_penalties:
                 continue
             # Guessing beyond what the request may still emit (or the model may hold) is waste.
-            room = min(params.max_tokens - len(seq.output_ids), max_len - len(tokens)) - 1
+            room = min(params.max_tokens - seq.num_output_tokens, max_len - len(tokens)) - 1
             k = min(config.num_speculative_tokens, room)
             if k < 1 or not self._backoff.setdefault(seq.seq_id, Backoff()).wants_guess():
                 continue

@@ -131,7 +131,7 @@ def test_recompute_covers_prompt_and_output():
     sched._preempt(sched.running[0])
     out = step(sched)
     [chunk] = out.chunks
-    assert chunk.end == 6 + 3 and chunk.tokens[:chunk.end] == s.prompt_ids + s.output_ids[:3]
+    assert chunk.end == 6 + 3 and chunk.seq.token_ids[:chunk.end] == s.prompt_ids + s.output_ids[:3]
     assert chunk.start == 8  # the prefix cache still holds its first two full blocks
 
 
@@ -222,8 +222,8 @@ def test_random_interleavings_never_leak_or_mix_up(ops, num_blocks, budget, max_
         assert len(sched.running) <= max_num_seqs
         for c in out.chunks:
             # A chunk computes the sequence's own tokens: its prompt, then its own samples.
-            assert c.tokens == c.seq.prompt_ids + c.seq.output_ids
-            assert 0 <= c.start < c.end <= len(c.tokens)
+            assert c.seq.token_ids == c.seq.prompt_ids + c.seq.output_ids
+            assert 0 <= c.start < c.end <= len(c.seq.token_ids)
         used = num_blocks - sched.blocks.num_free_blocks()
         assert used <= num_blocks
 
