@@ -59,7 +59,9 @@ sys.path.insert(0, str(ROOT))
 from jupyter_llm.bench.machine import machine_info, machine_line
 from jupyter_llm.bench.metrics import percentile
 
-ENGINES = ("native-fp32", "native-int8", "transformers", "llama.cpp", "onnx-fp32", "onnx-int8", "onnx-int4")
+ENGINES = ("native-fp32", "native-int8", "native-int8-eager", "transformers", "llama.cpp",
+           "onnx-fp32", "onnx-int8", "onnx-int4")
+OPT_IN_ENGINES = ("native-int8-eager",)  # only when --engines names them
 SCENARIOS = ("uniform", "batch", "mixed", "single", "prefix", "quality")
 # The module each engine needs beyond torch and transformers (the default run skips an engine without it).
 ENGINE_MODULES = {"llama.cpp": "llama_cpp", "onnx-fp32": "onnxruntime_genai", "onnx-int8": "onnxruntime_genai",
@@ -292,8 +294,8 @@ class NativeEngine(ManagerEngine):
     """The native backend, float32 or int8."""
 
     def __init__(self, name: str, threads: int, quantization: str | None, kv_cache_memory: str | None,
-                 model: str | None = None):
-        options: dict[str, Any] = {"threads": threads}
+                 model: str | None = None, fused_ops: bool = True):
+        options: dict[str, Any] = {"threads": threads, "fused_ops": fused_ops}
         if quantization:
             options["quantization"] = quantization
         if kv_cache_memory:
@@ -496,6 +498,8 @@ def load_engine(name: str, threads: int, sizes: Sizes, kv: str | None) -> Engine
         return NativeEngine(name, threads, None, kv)
     if name == "native-int8":
         return NativeEngine(name, threads, "int8", kv)
+    if name == "native-int8-eager":  # the decode step without the fused ops (before/after comparisons)
+        return NativeEngine(name, threads, "int8", kv, fused_ops=False)
     if name == "transformers":
         return TransformersEngine(threads)
     if name == "llama.cpp":
@@ -866,7 +870,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if missing:
             print(f"skipping {', '.join(missing)}: {', '.join(sorted({ENGINE_MODULES[n] for n in missing}))} "
                   f"not installed", flush=True)
-        names = [n for n in names if n not in missing]
+        names = [n for n in names if n not in missing and n not in OPT_IN_ENGINES]
     if "llama.cpp" in names:  # a build that cannot run on this CPU must not kill the benchmark
         from jupyter_llm.backends.llamacpp.probe import probe
 

@@ -29,9 +29,12 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
 # llama.cpp built for this CPU (a no-op when the installed build already is).
 llamacpp() { .venv/bin/python -m jupyter_llm.llamacpp_build --quiet; }
+# The native engine's fused CPU ops, compiled once per torch build and CPU level (then a no-op).
+fused_ops() { .venv/bin/python -m jupyter_llm.backends.native.fused.ops; }
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && .venv/bin/python -c "import jupyter_llm" 2>/dev/null; then
     llamacpp
+    fused_ops
     labextension
     exit 0
 fi
@@ -48,6 +51,7 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 llamacpp
 "${PIP[@]}" install -e ".[embedded,onnx,test]"
+fused_ops
 labextension
 echo "$want" > "$STAMP"
 echo "setup: .venv ready"

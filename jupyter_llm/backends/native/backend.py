@@ -81,7 +81,8 @@ class NativeBackend(InProcessBackend):
                                   max_num_seqs=options.max_num_seqs,
                                   max_num_batched_tokens=(options.max_num_batched_tokens
                                                           or DEFAULT_MAX_NUM_BATCHED_TOKENS[device_type]),
-                                  max_model_len=max_model_len, speculative=speculative, draft=draft_args)
+                                  max_model_len=max_model_len, speculative=speculative, draft=draft_args,
+                                  fused_ops=options.fused_ops)
             bar.update(1)
         self.model = model
         self.model_config = config

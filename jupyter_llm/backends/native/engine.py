@@ -64,6 +64,7 @@ class NativeStepEngine(StepEngine):
             "kv_blocks_total": total,
             "prefix_cache_hit_rate": round(blocks.prefix_cache_hits / queries, 3) if queries else 0.0,
             "preemptions": self.scheduler.num_preemptions,
+            "decode_ops": "fused" if self.runner.fused is not None else "eager",
         }
         if self.speculator is not None:
             stats["speculative"] = self.speculator.config.describe()
@@ -175,11 +176,12 @@ class NativeStepEngine(StepEngine):
 def build_engine(model: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, speculative: SpeculativeConfig | None = None,
-                 draft: tuple[nn.Module, ModelConfig, int] | None = None) -> NativeStepEngine:
+                 draft: tuple[nn.Module, ModelConfig, int] | None = None, fused_ops: bool = True) -> NativeStepEngine:
     """A step engine over `model`: its runner and KV pool, a Scheduler, and with a
     `SpeculativeConfig` a Speculator (`draft`: the draft model, its config and its pool's
-    block count, for method "draft"). What `NativeBackend.load` builds; tests use it directly."""
-    runner, blocks = build_runner(model, config, num_blocks, block_size, enable_prefix_caching)
+    block count, for method "draft"; `fused_ops`: decode steps through fused/, see model_runner.py).
+    What `NativeBackend.load` builds; tests use it directly."""
+    runner, blocks = build_runner(model, config, num_blocks, block_size, enable_prefix_caching, fused_ops)
     scheduler = Scheduler(blocks, SchedulerConfig(max_num_seqs=max_num_seqs,
                                                   max_num_batched_tokens=max_num_batched_tokens,
                                                   max_model_len=max_model_len or config.max_position_embeddings))

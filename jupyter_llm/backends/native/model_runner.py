@@ -12,6 +12,8 @@ from torch import nn
 
 from jupyter_llm.backends.native.attention import AttentionMetadata
 from jupyter_llm.backends.native.config import ModelConfig
+from jupyter_llm.backends.native.fused.decode import DecodeBatch, FusedLlamaDecoder
+from jupyter_llm.backends.native.fused.ops import fused_ops
 from jupyter_llm.backends.native.int8_linear import Int8Linear
 from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
 
@@ -38,12 +40,15 @@ INT8_ONE_THREAD_TOKENS = 16
 class ModelRunner:
     """Runs the model over a batch that mixes decode tokens and prefill chunks of several sequences."""
 
-    def __init__(self, model: nn.Module, config: ModelConfig, kv_pool: KVCachePool) -> None:
+    def __init__(self, model: nn.Module, config: ModelConfig, kv_pool: KVCachePool, fused: bool = True) -> None:
         self.model = model
         self.config = config
         self.kv_pool = kv_pool
         self.device = kv_pool.k.device
         self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+        # Decode-only steps of a float32 Llama run through the fused ops when they are built here.
+        ops = fused_ops() if fused and FusedLlamaDecoder.supports(model) and self.device.type == "cpu" else None
+        self.fused = FusedLlamaDecoder(model, ops) if ops is not None else None
 
     @torch.inference_mode()
     def run(self, batch: Sequence[StepItem], num_logits: Sequence[int] | None = None) -> torch.Tensor:
@@ -57,6 +62,8 @@ class ModelRunner:
         that attention batches them with no reordering (see attention.py); rows come back in
         the caller's order."""
         query_lens = [len(item.token_ids) for item in batch]
+        if self.fused is not None and max(query_lens) == 1 and (num_logits is None or max(num_logits) == 1):
+            return self._run_fused(batch)
         # Decodes first, shortest context first (attention groups them by length), then chunks.
         order = sorted(range(len(batch)),
                        key=lambda i: (query_lens[i] != 1, batch[i].start_pos if query_lens[i] == 1 else 0))
@@ -97,13 +104,29 @@ class ModelRunner:
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+    def _run_fused(self, batch: Sequence[StepItem]) -> torch.Tensor:
+        """A decode-only step through the fused ops (rows in the caller's order)."""
+        decode = DecodeBatch.build([item.start_pos for item in batch], [item.slot_mapping[0] for item in batch],
+                                   [item.block_table for item in batch], self.kv_pool.block_size)
+        ids = torch.tensor([item.token_ids[0] for item in batch])
+        threads = torch.get_num_threads()
+        one_thread = self.int8 and len(batch) <= INT8_ONE_THREAD_TOKENS and threads > 1
+        if one_thread:
+            torch.set_num_threads(1)
+        try:
+            return self.model.compute_logits(self.fused.hidden(ids, decode, self.kv_pool))
+        finally:
+            if one_thread:
+                torch.set_num_threads(threads)
+
+
 def build_runner(model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 enable_prefix_caching: bool) -> tuple[ModelRunner, BlockManager]:
+                 enable_prefix_caching: bool, fused: bool = True) -> tuple[ModelRunner, BlockManager]:
     """A ModelRunner over a KV pool of `num_blocks` blocks in the model's dtype and device, and
-    the pool's BlockManager."""
+    the pool's BlockManager (`fused`: decode steps through the fused ops where they apply)."""
     param = next(model.parameters())  # the embedding: float even in an int8 model
     pool = KVCachePool.for_model(config, num_blocks, block_size, param.dtype, param.device)
-    return ModelRunner(model, config, pool), BlockManager(num_blocks, block_size, enable_prefix_caching)
+    return ModelRunner(model, config, pool, fused), BlockManager(num_blocks, block_size, enable_prefix_caching)
 
 
 def prefill_logits(model: nn.Module, config: ModelConfig, token_ids: Sequence[int], num_logits: int = 1,

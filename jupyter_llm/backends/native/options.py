@@ -43,6 +43,7 @@ class NativeOptions(BackendOptions):
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int | None = None  # tokens per step (default 512 on CPU, 2048 on CUDA)
     max_model_len: int | None = None  # prompt + output tokens (default: the model's context)
+    fused_ops: bool = True  # decode steps through the fused CPU ops (fused/); --no-fused-ops: the eager path
     # Speculative decoding (see speculative.py); vLLM's speculative_config dict is accepted too.
     speculative: str | None = None  # ngram | draft
     speculative_config: dict | str | None = None

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jupyter_llm.backends.native.backend import NativeBackend
+from jupyter_llm.backends.native.fused.ops import fused_ops
 from jupyter_llm.backends.native.loader import load_model
 from jupyter_llm.backends.native.model_runner import prefill_logits
 from jupyter_llm.backends.native.options import NativeOptions, parse_memory
@@ -97,6 +98,7 @@ def test_capabilities_stats_and_status_table(manager, tiny_native_unit):
         assert key in stats, key
     assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_total"] > 0
     assert stats["prefix_cache_hit_rate"] > 0
+    assert stats["decode_ops"] == ("fused" if fused_ops() is not None else "eager")
     extra = manager.info(tiny_native_unit).extra
     assert {"kv_blocks_used", "kv_blocks_total", "prefix_cache_hit_rate", "preemptions"} <= set(extra)
     assert backend.describe()["backend"] == "native"

@@ -1,0 +1,96 @@
+"""The decode step of a Llama-family model over the fused ops (decode_ops.cpp).
+
+Each layer is seven calls: residual add + RMSNorm, the qkv GEMM, RoPE + KV write + paged
+attention, the o_proj GEMM, residual add + RMSNorm, the gate_up GEMM, SiLU * up, and the
+down_proj GEMM (whose output the next layer's first call adds). The GEMMs stay PyTorch's
+(float32 `F.linear` or fbgemm's int8, see int8_linear.py). Same numbers as the eager forward
+in models/llama.py up to float rounding; `FusedLlamaDecoder.supports` says which models
+qualify (Llama, float32 activations on the CPU).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jupyter_llm.backends.native.int8_linear import Int8Linear
+from jupyter_llm.backends.native.kv_cache import KVCachePool
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DecodeBatch:
+    """One new token per sequence: its position, its pool slot, its block table (padded to the
+    longest) and its context length (tokens cached before it plus itself)."""
+
+    positions: torch.Tensor  # [B] int64
+    slots: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, W] int64
+    context_lens: torch.Tensor  # [B] int64
+
+    @classmethod
+    def build(cls, positions: Sequence[int], slots: Sequence[int], block_tables: Sequence[Sequence[int]],
+              block_size: int) -> DecodeBatch:
+        lens = [p + 1 for p in positions]
+        width = max(-(-n // block_size) for n in lens)
+        tables = [list(t[:width]) + [0] * (width - min(len(t), width)) for t in block_tables]
+        return cls(torch.tensor(positions, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
+                   torch.tensor(tables, dtype=torch.int64), torch.tensor(lens, dtype=torch.int64))
+
+
+def projection(module: nn.Module) -> Projection:
+    """The module's product as a plain function (no nn.Module call machinery per token)."""
+    if isinstance(module, Int8Linear):
+        packed, reduce_range = module._packed, module.reduce_range
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module
+
+
+class FusedLlamaDecoder:
+    """Runs `LlamaForCausalLM`'s decode steps through the fused ops."""
+
+    def __init__(self, model: nn.Module, ops: ModuleType) -> None:
+        self.model = model
+        self.ops = ops
+        config = model.config
+        self.eps = config.norm_eps
+        self.num_heads = config.num_heads
+        self.scale = config.head_dim**-0.5
+        self.layers = [(layer.input_layernorm.weight, projection(layer.self_attn.qkv_proj),
+                        projection(layer.self_attn.o_proj), layer.post_attention_layernorm.weight,
+                        projection(layer.mlp.gate_up_proj), projection(layer.mlp.down_proj))
+                       for layer in model.layers]
+        self.final_norm = model.norm.weight
+        self.rope_cos, self.rope_sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Llama-family, float32 activations (float32 or int8 weights), on the CPU."""
+        from jupyter_llm.backends.native.models.llama import LlamaForCausalLM
+
+        embedding = getattr(model, "embed_tokens", None)
+        return (isinstance(model, LlamaForCausalLM) and embedding is not None
+                and embedding.weight.dtype == torch.float32 and embedding.weight.device.type == "cpu"
+                and model.config.head_dim % 2 == 0)
+
+    def hidden(self, input_ids: torch.Tensor, batch: DecodeBatch, kv_pool: KVCachePool) -> torch.Tensor:
+        """The final-norm hidden states [B, hidden] of one decode step; K/V written into `kv_pool`."""
+        ops, eps = self.ops, self.eps
+        x = self.model.embed_tokens(input_ids)  # a fresh tensor: the residual stream, updated in place
+        delta = None
+        for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.layers):
+            h = ops.rms_norm(x, norm1, eps) if delta is None else ops.add_rms_norm_(x, delta, norm1, eps)
+            attn = ops.decode_attention(qkv_proj(h), self.rope_cos, self.rope_sin, batch.positions,
+                                        kv_pool.k_heads[i], kv_pool.v_heads[i], batch.slots, batch.block_tables,
+                                        batch.context_lens, self.num_heads, self.scale)
+            h = ops.add_rms_norm_(x, o_proj(attn), norm2, eps)
+            delta = down_proj(ops.silu_mul(gate_up_proj(h)))
+        return ops.add_rms_norm_(x, delta, self.final_norm, eps)
