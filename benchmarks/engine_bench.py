@@ -295,20 +295,30 @@ class NativeEngine(ManagerEngine):
 
     def __init__(self, name: str, threads: int, quantization: str | None, kv_cache_memory: str | None,
                  model: str | None = None, fused_ops: bool = True):
-        options: dict[str, Any] = {"threads": threads, "fused_ops": fused_ops}
-        if quantization:
-            options["quantization"] = quantization
+        # Both named: the engine's default format would otherwise decide.
+        options: dict[str, Any] = {"threads": threads, "fused_ops": fused_ops, "dtype": "float32",
+                                   "quantization": quantization or "none"}
         if kv_cache_memory:
             options["kv_cache_memory"] = kv_cache_memory
         super().__init__(name, "native", model, **options)
 
     def next_token_logits(self, ids: list[int]) -> Any:
-        """The backend's model and attention over a private KV pool (the engine's own is left alone)."""
-        from jupyter_llm.backends.native.model_runner import prefill_logits
+        """The logits generation sees: the text fed one token at a time through the decode path
+        (the fused ops where they apply), over a private KV pool (the engine's own is left
+        alone). For float32 this equals one prefill; int8 quantizes each token's activations on
+        their own there, as it does while it generates (a prefill shares one scale per chunk)."""
+        import numpy as np
+
+        from jupyter_llm.backends.native.model_runner import StepItem, build_runner
 
         tokens = ids[:-1]  # the last token predicts nothing that is scored
-        return prefill_logits(self.backend.model, self.backend.model_config, tokens,
-                              num_logits=len(tokens)).cpu().numpy()
+        model, config = self.backend.model, self.backend.model_config
+        runner, blocks = build_runner(model, config, -(-len(tokens) // 16), 16, enable_prefix_caching=False)
+        blocks.allocate(0, tokens)
+        blocks.append_slots(0, tokens, len(tokens))
+        rows = [runner.run([StepItem(0, [token], pos, blocks.block_table(0), blocks.slot_mapping(0, pos, pos + 1))])
+                for pos, token in enumerate(tokens)]
+        return np.concatenate([row.cpu().numpy() for row in rows])
 
 
 class OnnxEngine(ManagerEngine):

@@ -35,10 +35,11 @@ class NativeBackend(InProcessBackend):
     def load(self, progress: bool = True) -> None:
         options: NativeOptions = self.options  # type: ignore[assignment]
         options.check()
-        dtype = getattr(torch, options.dtype)
         self.device = resolve_device(options.device)
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        if options.quantization == "int8" and (device_type != "cpu" or options.dtype != "float32"):
+        dtype_name, quantization, by_default = options.weight_format(device_type)
+        dtype = getattr(torch, dtype_name)
+        if quantization == "int8" and (device_type != "cpu" or dtype_name != "float32"):
             raise ParamError("--quantization int8 runs on the CPU in float32 (use --device cpu --dtype float32)")
         speculative = SpeculativeConfig.from_options(
             options.speculative, options.speculative_config, num_speculative_tokens=options.num_speculative_tokens,
@@ -49,7 +50,9 @@ class NativeBackend(InProcessBackend):
             raise ParamError("--draft-quantization int8 runs on the CPU (use --device cpu)")
         spec = resolve_model(self.model_arg)
         self.model_name = spec.name
-        self.dtype = options.dtype if options.quantization is None else f"{options.quantization} ({options.dtype})"
+        self.dtype = dtype_name if quantization is None else f"{quantization} ({dtype_name})"
+        if by_default:
+            self.dtype += ", the default here"
         folder = local_folder(spec, progress)
         with steps(progress, f"Loading {spec.name} (native)", 3) as bar:
             model, config, self.tokenizer = load_folder(folder, dtype, self.device)
@@ -57,7 +60,7 @@ class NativeBackend(InProcessBackend):
             if speculative is not None and speculative.method == "draft":
                 draft = load_draft(speculative, model, config, self.tokenizer, dtype, self.device, progress)
             bar.update(1)
-            if options.quantization == "int8":
+            if quantization == "int8":
                 quantize_int8(model, self.tokenizer.encode(CALIBRATION_TEXT))
             bar.update(1)
             limit = config.max_position_embeddings

@@ -95,7 +95,7 @@ def engine_cls() -> type[MiniEngine]:
 def embedded_native(manager, embedded_hf) -> str:
     """The embedded SmolLM2 on the native backend (float32), loaded once per test run."""
     return load_keeping_default(manager, "native", name="embedded-native", progress=False,
-                                 kv_cache_memory="256MiB", max_num_seqs=16)
+                                 kv_cache_memory="256MiB", max_num_seqs=16, dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,7 @@ def test_greedy_and_logits_equal_transformers_on_tiny_checkpoints(manager, folde
 
     folder = request.getfixturevalue(folder_fixture)
     name = f"parity-{folder_fixture}"
-    manager.load("native", str(folder), name=name, progress=False, kv_cache_memory="4MiB")
+    manager.load("native", str(folder), name=name, progress=False, kv_cache_memory="4MiB", dtype="float32")
     try:
         backend = manager.get(name)
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -120,6 +120,28 @@ def test_options_follow_vllm_names():
             parse_memory(bad)
     with pytest.raises(ParamError, match="unknown option"):
         NativeOptions.parse({"kv_cache_size": 1}, "native")
+
+
+@pytest.mark.parametrize("options,device,expected", [
+    ({}, "cpu", ("float32", "int8", True)),  # the default on an x86 CPU: int8 weights, float32 activations
+    ({}, "cuda", ("float32", None, True)),
+    ({"dtype": "float32"}, "cpu", ("float32", None, False)),  # --dtype alone forces that dtype's weights
+    ({"quantization": "none"}, "cpu", ("float32", None, False)),
+    ({"dtype": "bfloat16"}, "cpu", ("bfloat16", None, False)),
+    ({"quantization": "int8"}, "cpu", ("float32", "int8", False)),
+])
+def test_weight_format_defaults_to_int8_on_the_cpu_and_options_force_one(options, device, expected):
+    assert NativeOptions.parse(options, "native").weight_format(device) == expected
+
+
+def test_default_load_says_which_format_it_chose(tiny_llama):
+    backend = NativeBackend(str(tiny_llama), kv_cache_memory="1MiB")
+    backend.load(progress=False)
+    assert backend.dtype == "int8 (float32), the default here"
+    assert backend.engine.runner.int8 and backend.engine.stats()["decode_ops"] in ("fused", "eager")
+    forced = NativeBackend(str(tiny_llama), kv_cache_memory="1MiB", dtype="float32")
+    forced.load(progress=False)
+    assert forced.dtype == "float32" and not forced.engine.runner.int8
 
 
 @pytest.mark.parametrize("options,message", [

@@ -473,7 +473,7 @@ def test_embedded_greedy_output_is_identical_alone_and_batched(manager, embedded
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     expected = [c.token_ids for c in manager.generate(EMBEDDED_PROMPTS, params, backend=embedded_native)]
     name = load_keeping_default(manager, "native", name="embedded-spec", progress=False, kv_cache_memory="256MiB",
-                                max_num_seqs=16, **options)
+                                max_num_seqs=16, dtype="float32", **options)
     try:
         batched = [c.token_ids for c in manager.generate(EMBEDDED_PROMPTS, params, backend=name)]
         alone = [manager.generate(p, params, backend=name)[0].token_ids for p in EMBEDDED_PROMPTS]
