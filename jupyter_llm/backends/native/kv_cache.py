@@ -16,6 +16,7 @@ Vocabulary:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -26,6 +27,19 @@ from jupyter_llm.errors import ParamError
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
 CUDA_KV_SHARE = 0.6  # of the GPU memory free after loading the weights (the rest: activations)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor whose CPU pages become resident only when written: numpy's zeros come from
+    calloc, which maps fresh zero pages for a large block instead of writing them (torch.zeros
+    writes every byte), so a 1 GiB pool costs the memory of the blocks in use. Other devices
+    get torch.zeros."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class KVCachePool:
@@ -49,8 +63,8 @@ class KVCachePool:
     ) -> None:
         shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         # Zeros, not empty: attention reads padded slots (masked out), which must never be NaN.
-        self.k_heads = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_heads = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_heads = lazy_zeros(shape, dtype, device)
+        self.v_heads = lazy_zeros(shape, dtype, device)
         self.k = self.k_heads.permute(0, 2, 3, 1, 4)  # [layers, blocks, block_size, kv_heads, head_dim]
         self.v = self.v_heads.permute(0, 2, 3, 1, 4)
         self.num_blocks = num_blocks

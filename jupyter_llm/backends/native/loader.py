@@ -68,7 +68,8 @@ def load_model(
         return _load_hf(source, ModelConfig.from_hf_config(config), dtype, device)
     folder = Path(source)
     hf_config = json.loads((folder / "config.json").read_text())
-    return _load_hf(_read_weights(folder), ModelConfig.from_hf_config(hf_config), dtype, device)
+    weights = _read_weights(folder)
+    return _load_hf(weights, ModelConfig.from_hf_config(hf_config), dtype, device, consume=True)
 
 
 def local_folder(spec: ModelSpec, progress: bool) -> Path:
@@ -155,10 +156,14 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _load_hf(hf: StateDict, cfg: ModelConfig, dtype: torch.dtype,
-             device: torch.device | str) -> tuple[nn.Module, ModelConfig]:
+def _load_hf(hf: StateDict, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+             consume: bool = False) -> tuple[nn.Module, ModelConfig]:
+    """`consume`: `hf` is ours to empty (the tensors it alone holds are freed before the copies)."""
     convert = _llama_from_hf if cfg.architecture == "llama" else _gpt2_from_hf
-    return _instantiate(cfg, convert(hf, cfg), dtype, device), cfg
+    ours = convert(hf, cfg)
+    if consume and isinstance(hf, dict):
+        hf.clear()
+    return _instantiate(cfg, ours, dtype, device), cfg
 
 
 def _llama_from_hf(hf: StateDict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -210,8 +215,11 @@ def _instantiate(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torc
     """Build the model without initializing it (meta device), then take `weights` as its parameters."""
     with torch.device("meta"):
         model = build_model(cfg)
-    weights = {k: _owned(v, dtype, device) for k, v in weights.items()}
-    model.load_state_dict(weights, strict=True, assign=True)
+    # One tensor at a time, each original dropped once its copy exists: at most one extra tensor is resident.
+    owned = {}
+    for name in list(weights):
+        owned[name] = _owned(weights.pop(name), dtype, device)
+    model.load_state_dict(owned, strict=True, assign=True)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -251,3 +251,26 @@ def test_allocate_twice_or_too_much_is_an_error():
         bm.allocate(0, [1])
     with pytest.raises(RuntimeError):
         bm.allocate(1, list(range(9)))
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_pool_memory_becomes_resident_only_as_blocks_are_written():
+    """A 512 MiB pool costs next to nothing until used, reads as zeros, and writes stick."""
+    before = _resident_mib()
+    pool = KVCachePool(num_layers=4, num_blocks=4096, block_size=16, num_kv_heads=4, head_dim=64,
+                       dtype=torch.float32, device="cpu")
+    assert pool.k_heads.numel() * 4 * 2 == 512 << 20
+    assert _resident_mib() - before < 64  # torch.zeros would have written all 512 MiB
+    assert pool.k[1, 7].abs().sum().item() == 0 and pool.v.dtype == torch.float32
+    pool.k[1, 7, 3] = 1.5
+    assert pool.k_heads[1, :, 7, 3].eq(1.5).all()  # k is a view of the head-major storage
+    half = KVCachePool(2, 8, 4, 2, 8, torch.bfloat16, "cpu")
+    assert half.v_heads.dtype == torch.bfloat16 and half.v_heads.float().abs().sum().item() == 0
