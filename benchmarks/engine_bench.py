@@ -790,8 +790,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "the engine's logits, every token after the first scored. The same token ids for every engine.")]
     if any("peak_mib" in numbers for numbers in summary.values()):
         lines += ["", ("Memory: each engine alone in a fresh process (load, then one uniform batch); the peak "
-                  "includes Python and torch (the 'before loading' row). The native KV pool is preallocated "
-                  "(1 GiB on CPU unless --kv-cache-memory says otherwise).")]
+                  "includes Python and torch (the 'before loading' row). The native KV pool (1 GiB on CPU unless "
+                  "--kv-cache-memory says otherwise) becomes resident as its blocks are written.")]
     if measured:
         lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
     for label, value, target in measured:

@@ -4,7 +4,8 @@
 prompt over a scratch pool of its own (calibration, perplexity, tests)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from jupyter_llm.backends.native.fused.decode import DecodeBatch, FusedLlamaDeco
 from jupyter_llm.backends.native.fused.ops import fused_ops
 from jupyter_llm.backends.native.int8_linear import Int8Linear
 from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
+from jupyter_llm.backends.native.threads import ThreadChooser
 
 
 @dataclass
@@ -32,11 +34,6 @@ class StepItem:
     slot_mapping: Sequence[int]
 
 
-# fbgemm's int8 GEMMs for a few rows run slower on two threads than on one when called from a
-# thread other than the main one (the compute thread always is); float32 forwards do not.
-INT8_ONE_THREAD_TOKENS = 16
-
-
 class ModelRunner:
     """Runs the model over a batch that mixes decode tokens and prefill chunks of several sequences."""
 
@@ -46,6 +43,7 @@ class ModelRunner:
         self.kv_pool = kv_pool
         self.device = kv_pool.k.device
         self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+        self.thread_chooser = ThreadChooser()
         # Decode-only steps of a float32 Llama run through the fused ops when they are built here.
         ops = fused_ops() if fused and FusedLlamaDecoder.supports(model) and self.device.type == "cpu" else None
         self.fused = FusedLlamaDecoder(model, ops) if ops is not None else None
@@ -87,20 +85,16 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
-        threads = torch.get_num_threads()
-        one_thread = self.int8 and len(input_ids) <= INT8_ONE_THREAD_TOKENS and threads > 1
-        if one_thread:
-            torch.set_num_threads(1)
         wanted = num_logits or [1] * len(batch)
         rows = [starts[i] + j for i in range(len(batch)) for j in range(query_lens[i] - wanted[i], query_lens[i])]
-        try:
+
+        def compute() -> torch.Tensor:
             hidden = self.model(ids, pos, meta, self.kv_pool)
             if rows != list(range(len(input_ids))):
                 hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
-            logits = self.model.compute_logits(hidden)
-        finally:
-            if one_thread:
-                torch.set_num_threads(threads)
+            return self.model.compute_logits(hidden)
+
+        logits = self._on_chosen_threads(len(batch), compute) if max(query_lens) == 1 else compute()
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -109,15 +103,23 @@ class ModelRunner:
         decode = DecodeBatch.build([item.start_pos for item in batch], [item.slot_mapping[0] for item in batch],
                                    [item.block_table for item in batch], self.kv_pool.block_size)
         ids = torch.tensor([item.token_ids[0] for item in batch])
-        threads = torch.get_num_threads()
-        one_thread = self.int8 and len(batch) <= INT8_ONE_THREAD_TOKENS and threads > 1
-        if one_thread:
-            torch.set_num_threads(1)
+        return self._on_chosen_threads(
+            len(batch), lambda: self.model.compute_logits(self.fused.hidden(ids, decode, self.kv_pool)))
+
+    def _on_chosen_threads(self, tokens: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A decode step on the thread count `ThreadChooser` picks for its size, timed for it."""
+        available = torch.get_num_threads()
+        threads = self.thread_chooser.threads_for(tokens, available)
+        if threads != available:
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
         try:
-            return self.model.compute_logits(self.fused.hidden(ids, decode, self.kv_pool))
+            out = compute()
         finally:
-            if one_thread:
-                torch.set_num_threads(threads)
+            if threads != available:
+                torch.set_num_threads(available)
+        self.thread_chooser.record(tokens, threads, time.perf_counter() - started, available)
+        return out
 
 
 def build_runner(model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
