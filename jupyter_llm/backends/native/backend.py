@@ -19,6 +19,8 @@ from jupyter_llm.backends.native.kv_cache import kv_cache_budget, size_kv_pool
 from jupyter_llm.backends.native.loader import load_folder, local_folder
 from jupyter_llm.backends.native.options import DEFAULT_MAX_NUM_BATCHED_TOKENS, NativeOptions
 from jupyter_llm.backends.native.quant import CALIBRATION_TEXT, quantize_int8
+from jupyter_llm.backends.native.quant_cache import load_int8_folder
+from jupyter_llm.backends.native.seed_gpt2 import is_seed_gpt2_folder
 from jupyter_llm.backends.native.speculative import SpeculativeConfig
 from jupyter_llm.errors import ParamError
 from jupyter_llm.model_files import resolve_model
@@ -54,15 +56,20 @@ class NativeBackend(InProcessBackend):
         if by_default:
             self.dtype += ", the default here"
         folder = local_folder(spec, progress)
+        drafting = speculative is not None and speculative.method == "draft"
         with steps(progress, f"Loading {spec.name} (native)", 3) as bar:
-            model, config, self.tokenizer = load_folder(folder, dtype, self.device)
             draft = None
-            if speculative is not None and speculative.method == "draft":
-                draft = load_draft(speculative, model, config, self.tokenizer, dtype, self.device, progress)
-            bar.update(1)
-            if quantization == "int8":
-                quantize_int8(model, self.tokenizer.encode(CALIBRATION_TEXT))
-            bar.update(1)
+            if quantization == "int8" and not drafting and not is_seed_gpt2_folder(folder):
+                model, config, self.tokenizer = load_int8_folder(folder)  # stored once quantized
+                bar.update(2)
+            else:
+                model, config, self.tokenizer = load_folder(folder, dtype, self.device)
+                if drafting:
+                    draft = load_draft(speculative, model, config, self.tokenizer, dtype, self.device, progress)
+                bar.update(1)
+                if quantization == "int8":
+                    quantize_int8(model, self.tokenizer.encode(CALIBRATION_TEXT))
+                bar.update(1)
             limit = config.max_position_embeddings
             if options.max_model_len is not None and not 1 < options.max_model_len <= limit:
                 raise ParamError(f"--max-model-len must be in [2, {limit}] for this model, got {options.max_model_len}")

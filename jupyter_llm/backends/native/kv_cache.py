@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -30,16 +32,19 @@ CUDA_KV_SHARE = 0.6  # of the GPU memory free after loading the weights (the res
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A zero tensor whose CPU pages become resident only when written: numpy's zeros come from
-    calloc, which maps fresh zero pages for a large block instead of writing them (torch.zeros
-    writes every byte), so a 1 GiB pool costs the memory of the blocks in use. Other devices
-    get torch.zeros."""
+    """A zero tensor whose CPU pages become resident only when written: an anonymous memory map
+    is zero pages until touched (torch.zeros writes every byte), so a 1 GiB pool costs the memory
+    of the blocks in use. Not numpy's zeros: numpy asks for huge pages on large arrays, and one
+    block touches a page in each (layer, head) slab of the pool, which would fault in 2 MiB per
+    slab. Other devices get torch.zeros."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
-
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    with warnings.catch_warnings():  # "the given buffer is not writable" does not apply to an anonymous map
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
 
 
 class KVCachePool:
