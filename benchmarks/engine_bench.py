@@ -59,13 +59,13 @@ sys.path.insert(0, str(ROOT))
 from jupyter_llm.bench.machine import machine_info, machine_line
 from jupyter_llm.bench.metrics import percentile
 
-ENGINES = ("native-fp32", "native-int8", "native-int8-eager", "transformers", "llama.cpp",
+ENGINES = ("native-fp32", "native-int8", "native-int8-eager", "transformers", "llama.cpp", "llamacpp-backend",
            "onnx-fp32", "onnx-int8", "onnx-int4")
-OPT_IN_ENGINES = ("native-int8-eager",)  # only when --engines names them
+OPT_IN_ENGINES = ("native-int8-eager", "llamacpp-backend")  # only when --engines names them
 SCENARIOS = ("uniform", "batch", "mixed", "single", "prefix", "quality")
 # The module each engine needs beyond torch and transformers (the default run skips an engine without it).
-ENGINE_MODULES = {"llama.cpp": "llama_cpp", "onnx-fp32": "onnxruntime_genai", "onnx-int8": "onnxruntime_genai",
-                  "onnx-int4": "onnxruntime_genai"}
+ENGINE_MODULES = {"llama.cpp": "llama_cpp", "llamacpp-backend": "llama_cpp", "onnx-fp32": "onnxruntime_genai",
+                  "onnx-int8": "onnxruntime_genai", "onnx-int4": "onnxruntime_genai"}
 
 
 @dataclass
@@ -516,6 +516,8 @@ def load_engine(name: str, threads: int, sizes: Sizes, kv: str | None) -> Engine
         n_ctx = max(2048, sizes.prefix_tokens + 2 * sizes.suffix_tokens + 8,
                     sizes.mixed_prompt[1] + sizes.mixed_tokens[1] + 8)
         return LlamaCppEngine(threads, n_ctx)
+    if name == "llamacpp-backend":  # our llamacpp backend (shared sampler and detokenizer) on the same GGUF
+        return ManagerEngine(name, "llamacpp", threads=threads, n_ctx=2048)
     if name.startswith("onnx-") and name in ENGINES:
         return OnnxEngine(name, threads, name.removeprefix("onnx-"), max_num_seqs=sizes.largest_batch())
     raise SystemExit(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
