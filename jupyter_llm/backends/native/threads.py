@@ -13,9 +13,12 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-MAX_ADAPTIVE_TOKENS = 64  # larger steps always take every thread
-TRIALS = 3  # timed steps per candidate before a choice
+MAX_ADAPTIVE_TOKENS = 16  # larger steps always take every thread (their GEMMs split well)
+TRIALS = 5  # timed steps per candidate before a choice
 REMEASURE_EVERY = 500  # steps of one size between two measurements
+# One thread only when clearly faster: step times jitter by 10-20% on a shared machine, and a
+# wrong "one" costs more than a wrong "all" (measured: 0.55x vs 0.9x of the better choice).
+ONE_THREAD_MARGIN = 0.9
 
 
 def bucket(tokens: int) -> int:
@@ -57,7 +60,8 @@ class ThreadChooser:
         self._times.setdefault((size, threads), deque(maxlen=self.trials)).append(seconds)
         one, many = self._times.get((size, 1), ()), self._times.get((size, available), ())
         if len(one) >= self.trials and len(many) >= self.trials:
-            self._chosen[size] = 1 if statistics.median(one) < statistics.median(many) else available
+            faster = statistics.median(one) < ONE_THREAD_MARGIN * statistics.median(many)
+            self._chosen[size] = 1 if faster else available
             self._since[size] = 0
 
     def choices(self) -> dict[int, int]:

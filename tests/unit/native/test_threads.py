@@ -21,6 +21,8 @@ def test_measures_both_then_keeps_the_faster():
     assert set(used[6:]) == {1} and chooser.choices() == {1: 1}
     used = drive(chooser, 12, {1: 0.030, 2: 0.018}, 20)  # another size decides on its own
     assert set(used[6:]) == {2} and chooser.choices() == {1: 1, 16: 2}
+    drive(chooser, 2, {1: 0.0195, 2: 0.020}, 10)  # one thread barely faster: within the jitter, keep all
+    assert chooser.choices()[2] == 2
 
 
 def test_measures_again_after_a_while():
