@@ -39,7 +39,7 @@ class NativeBackend(InProcessBackend):
         options.check()
         self.device = resolve_device(options.device)
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        dtype_name, quantization, by_default = options.weight_format(device_type)
+        dtype_name, quantization = options.weight_format()
         dtype = getattr(torch, dtype_name)
         if quantization == "int8" and (device_type != "cpu" or dtype_name != "float32"):
             raise ParamError("--quantization int8 runs on the CPU in float32 (use --device cpu --dtype float32)")
@@ -53,8 +53,6 @@ class NativeBackend(InProcessBackend):
         spec = resolve_model(self.model_arg)
         self.model_name = spec.name
         self.dtype = dtype_name if quantization is None else f"{quantization} ({dtype_name})"
-        if by_default:
-            self.dtype += ", the default here"
         folder = local_folder(spec, progress)
         drafting = speculative is not None and speculative.method == "draft"
         with steps(progress, f"Loading {spec.name} (native)", 3) as bar:

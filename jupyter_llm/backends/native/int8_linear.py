@@ -14,11 +14,6 @@ import torch
 from torch import nn
 
 
-def int8_supported() -> bool:
-    """Whether this PyTorch build has the x86/fbgemm quantized engine Int8Linear runs on."""
-    return any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm"))
-
-
 def select_engine() -> str:
     """Pick PyTorch's x86 quantized engine (fbgemm where x86 is missing)."""
     engines = torch.backends.quantized.supported_engines

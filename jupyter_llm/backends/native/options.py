@@ -35,7 +35,7 @@ class NativeOptions(BackendOptions):
     """Options of `%llm_backend native` (names follow vLLM's)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # Neither --dtype nor --quantization: the default format for the device (`weight_format`).
+    # Neither --dtype nor --quantization: float32 weights (`weight_format` says why not int8).
     dtype: str | None = None  # float32 | bfloat16 | float16 (float64 for exactness tests)
     quantization: str | None = None  # int8: dynamic int8 linear layers (CPU); none: the dtype's weights
     kv_cache_memory: int | str | None = None  # KV pool size: bytes or "1GiB" (default 1 GiB on CPU)
@@ -65,17 +65,16 @@ class NativeOptions(BackendOptions):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ParamError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
-    def weight_format(self, device_type: str) -> tuple[str, str | None, bool]:
-        """(dtype, quantization or None, whether it is the default rather than asked for). The
-        default on an x86 CPU is int8 over float32 activations with the fused decode ops: 3-4x
-        float32's speed on both kinds of machines measured, perplexity along the decode path
-        within 3% of float32 and the same factual answers (docs/performance-notes.md); float32
-        elsewhere. --dtype alone, or --quantization none, keeps the dtype's own weights."""
-        from jupyter_llm.backends.native.int8_linear import int8_supported
+    def weight_format(self) -> tuple[str, str | None]:
+        """(dtype, quantization or None).
 
-        if self.dtype is None and self.quantization is None:
-            return "float32", ("int8" if device_type == "cpu" and int8_supported() else None), True
-        return self.dtype or "float32", None if self.quantization in (None, "none") else self.quantization, False
+        The default stays float32, although int8 is 3-4x faster on the CPUs measured with
+        perplexity within 3% (docs/performance-notes.md): fbgemm's dynamic int8 quantizes a
+        step's activations with one scale for all its rows, so a greedy answer would change with
+        the requests batched beside it (and speculative decoding would lose its token-for-token
+        identity). `--quantization int8` asks for it; --dtype alone or --quantization none keep
+        the dtype's own weights."""
+        return self.dtype or "float32", None if self.quantization in (None, "none") else self.quantization
 
     def kv_cache_bytes(self) -> int | None:
         """--kv-cache-memory in bytes (None: the device's default)."""

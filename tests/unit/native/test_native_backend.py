@@ -122,26 +122,25 @@ def test_options_follow_vllm_names():
         NativeOptions.parse({"kv_cache_size": 1}, "native")
 
 
-@pytest.mark.parametrize("options,device,expected", [
-    ({}, "cpu", ("float32", "int8", True)),  # the default on an x86 CPU: int8 weights, float32 activations
-    ({}, "cuda", ("float32", None, True)),
-    ({"dtype": "float32"}, "cpu", ("float32", None, False)),  # --dtype alone forces that dtype's weights
-    ({"quantization": "none"}, "cpu", ("float32", None, False)),
-    ({"dtype": "bfloat16"}, "cpu", ("bfloat16", None, False)),
-    ({"quantization": "int8"}, "cpu", ("float32", "int8", False)),
+@pytest.mark.parametrize("options,expected", [
+    ({}, ("float32", None)),  # int8 is not the default: its answers depend on the batch
+    ({"dtype": "float32"}, ("float32", None)),
+    ({"quantization": "none"}, ("float32", None)),
+    ({"dtype": "bfloat16"}, ("bfloat16", None)),
+    ({"quantization": "int8"}, ("float32", "int8")),
 ])
-def test_weight_format_defaults_to_int8_on_the_cpu_and_options_force_one(options, device, expected):
-    assert NativeOptions.parse(options, "native").weight_format(device) == expected
+def test_weight_format_follows_dtype_and_quantization(options, expected):
+    assert NativeOptions.parse(options, "native").weight_format() == expected
 
 
-def test_default_load_says_which_format_it_chose(tiny_llama):
+def test_load_says_which_format_it_chose(tiny_llama):
     backend = NativeBackend(str(tiny_llama), kv_cache_memory="1MiB")
     backend.load(progress=False)
-    assert backend.dtype == "int8 (float32), the default here"
-    assert backend.engine.runner.int8 and backend.engine.stats()["decode_ops"] in ("fused", "eager")
-    forced = NativeBackend(str(tiny_llama), kv_cache_memory="1MiB", dtype="float32")
-    forced.load(progress=False)
-    assert forced.dtype == "float32" and not forced.engine.runner.int8
+    assert backend.dtype == "float32" and not backend.engine.runner.int8
+    asked = NativeBackend(str(tiny_llama), kv_cache_memory="1MiB", quantization="int8")
+    asked.load(progress=False)
+    assert asked.dtype == "int8 (float32)" and asked.engine.runner.int8
+    assert asked.engine.stats()["decode_ops"] in ("fused", "eager")
 
 
 @pytest.mark.parametrize("options,message", [
