@@ -15,7 +15,6 @@ from jupyter_llm.backends.native.attention import AttentionMetadata
 from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.fused.decode import DecodeBatch, FusedLlamaDecoder
 from jupyter_llm.backends.native.fused.ops import fused_ops
-from jupyter_llm.backends.native.int8_linear import Int8Linear
 from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
 from jupyter_llm.backends.native.threads import ThreadChooser
 
@@ -42,7 +41,6 @@ class ModelRunner:
         self.config = config
         self.kv_pool = kv_pool
         self.device = kv_pool.k.device
-        self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
         self.thread_chooser = ThreadChooser()
         # Decode-only steps of a float32 Llama run through the fused ops when they are built here.
         ops = fused_ops() if fused and FusedLlamaDecoder.supports(model) and self.device.type == "cpu" else None

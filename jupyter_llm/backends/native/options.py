@@ -35,8 +35,7 @@ class NativeOptions(BackendOptions):
     """Options of `%llm_backend native` (names follow vLLM's)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # Neither --dtype nor --quantization: float32 weights (`weight_format` says why not int8).
-    dtype: str | None = None  # float32 | bfloat16 | float16 (float64 for exactness tests)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (float64 for exactness tests)
     quantization: str | None = None  # int8: dynamic int8 linear layers (CPU); none: the dtype's weights
     kv_cache_memory: int | str | None = None  # KV pool size: bytes or "1GiB" (default 1 GiB on CPU)
     block_size: int = 16  # tokens per KV block
@@ -57,7 +56,7 @@ class NativeOptions(BackendOptions):
 
     def check(self) -> None:
         """Refuse values no device accepts (the device-dependent checks come with the device)."""
-        if self.dtype is not None and self.dtype not in DTYPES:
+        if self.dtype not in DTYPES:
             raise ParamError(f"unknown dtype {self.dtype!r}; accepted: {', '.join(DTYPES)}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ParamError(f"unknown quantization {self.quantization!r}; accepted: int8, none")
@@ -74,7 +73,7 @@ class NativeOptions(BackendOptions):
         the requests batched beside it (and speculative decoding would lose its token-for-token
         identity). `--quantization int8` asks for it; --dtype alone or --quantization none keep
         the dtype's own weights."""
-        return self.dtype or "float32", None if self.quantization in (None, "none") else self.quantization
+        return self.dtype, None if self.quantization in (None, "none") else self.quantization
 
     def kv_cache_bytes(self) -> int | None:
         """--kv-cache-memory in bytes (None: the device's default)."""

@@ -12,6 +12,7 @@ import torch
 
 from jupyter_llm.backends.native.backend import NativeBackend
 from jupyter_llm.backends.native.fused.ops import fused_ops
+from jupyter_llm.backends.native.int8_linear import Int8Linear
 from jupyter_llm.backends.native.loader import load_model
 from jupyter_llm.backends.native.model_runner import prefill_logits
 from jupyter_llm.backends.native.options import NativeOptions, parse_memory
@@ -136,10 +137,10 @@ def test_weight_format_follows_dtype_and_quantization(options, expected):
 def test_load_says_which_format_it_chose(tiny_llama):
     backend = NativeBackend(str(tiny_llama), kv_cache_memory="1MiB")
     backend.load(progress=False)
-    assert backend.dtype == "float32" and not backend.engine.runner.int8
+    assert backend.dtype == "float32" and not any(isinstance(m, Int8Linear) for m in backend.model.modules())
     asked = NativeBackend(str(tiny_llama), kv_cache_memory="1MiB", quantization="int8")
     asked.load(progress=False)
-    assert asked.dtype == "int8 (float32)" and asked.engine.runner.int8
+    assert asked.dtype == "int8 (float32)" and any(isinstance(m, Int8Linear) for m in asked.model.modules())
     assert asked.engine.stats()["decode_ops"] in ("fused", "eager")
 
 

@@ -123,7 +123,7 @@ torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& co
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * dim), scores, acc(group * dim);
+    std::vector<float> q(group * dim), scores, acc(group * dim), total(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads;
       const float* row = qkv_p + b * row_width;
@@ -161,7 +161,6 @@ torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& co
           scores[g * ctx + t] = dot;
         }
       }
-      std::vector<float> total(group);
       for (int64_t g = 0; g < group; ++g) {
         float* sg = scores.data() + g * ctx;
         const float top = *std::max_element(sg, sg + ctx);
