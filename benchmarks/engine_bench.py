@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT))
 from jupyter_llm.bench.machine import machine_info, machine_line
 from jupyter_llm.bench.metrics import percentile
 
-ENGINES = ("native-fp32", "native-int8", "native-int8-eager", "transformers", "llama.cpp", "llamacpp-backend",
-           "onnx-fp32", "onnx-int8", "onnx-int4")
+ENGINES = ("native-gguf", "native-fp32", "native-int8", "native-int8-eager", "transformers", "llama.cpp",
+           "llamacpp-backend", "onnx-fp32", "onnx-int8", "onnx-int4")
 OPT_IN_ENGINES = ("native-int8-eager", "llamacpp-backend")  # only when --engines names them
 SCENARIOS = ("uniform", "batch", "mixed", "single", "prefix", "quality")
 # The module each engine needs beyond torch and transformers (the default run skips an engine without it).
@@ -291,7 +291,7 @@ class ManagerEngine(Engine):
 
 
 class NativeEngine(ManagerEngine):
-    """The native backend, float32 or int8."""
+    """The native backend: GGUF blocks, float32 or int8."""
 
     def __init__(self, name: str, threads: int, quantization: str | None, kv_cache_memory: str | None,
                  model: str | None = None, fused_ops: bool = True):
@@ -504,6 +504,8 @@ def median(values: list[float]) -> float:
 
 
 def load_engine(name: str, threads: int, sizes: Sizes, kv: str | None) -> Engine:
+    if name == "native-gguf":  # the GGUF file's own blocks: the native default for the embedded model
+        return NativeEngine(name, threads, "gguf", kv)
     if name == "native-fp32":
         return NativeEngine(name, threads, None, kv)
     if name == "native-int8":

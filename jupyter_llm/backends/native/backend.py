@@ -1,20 +1,25 @@
 """The native backend: our PyTorch engine (engine.py) behind the InProcessBackend machinery.
 
-`load` checks the options, loads the weights and tokenizer (loader.py), the draft model for
-speculative decoding (draft.py), int8-quantizes on request (quant.py), sizes the KV pool
+`load` checks the options, picks the weight format (`NativeOptions.weight_format`; a GGUF
+file's own blocks with --quantization gguf, gguf_loader.py), loads the weights and tokenizer (loader.py), the
+draft model for speculative decoding (draft.py), int8-quantizes on request (quant.py), sizes the KV pool
 (kv_cache.py) and builds the step engine (engine.py).
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from jupyter_llm.backends.base import Capabilities
 from jupyter_llm.backends.devices import release_free_memory, resolve_device
 from jupyter_llm.backends.inprocess import InProcessBackend
+from jupyter_llm.backends.native.block_quant import BlockLinear
 from jupyter_llm.backends.native.draft import draft_pool_blocks, load_draft
 from jupyter_llm.backends.native.engine import build_engine
+from jupyter_llm.backends.native.fused.ops import fused_ops, unavailable_reason
+from jupyter_llm.backends.native.gguf_loader import load_gguf_blocks
 from jupyter_llm.backends.native.kv_cache import kv_cache_budget, size_kv_pool
 from jupyter_llm.backends.native.loader import load_folder, local_folder
 from jupyter_llm.backends.native.options import DEFAULT_MAX_NUM_BATCHED_TOKENS, NativeOptions
@@ -23,10 +28,35 @@ from jupyter_llm.backends.native.quant_cache import load_int8_folder
 from jupyter_llm.backends.native.seed_gpt2 import is_seed_gpt2_folder
 from jupyter_llm.backends.native.speculative import SpeculativeConfig
 from jupyter_llm.errors import ParamError
-from jupyter_llm.model_files import resolve_model
+from jupyter_llm.model_files import ModelSpec, resolve_model
 from jupyter_llm.progress import steps
 
 log = logging.getLogger(__name__)
+
+
+def check_weight_format(dtype_name: str, quantization: str | None, device_type: str, spec: ModelSpec) -> None:
+    """Refuse a --dtype/--quantization pair that cannot run on the device or model."""
+    if quantization == "int8" and (device_type != "cpu" or dtype_name != "float32"):
+        raise ParamError("--quantization int8 runs on the CPU in float32 (use --device cpu --dtype float32)")
+    if quantization == "gguf":
+        if device_type != "cpu" or dtype_name != "float32":
+            raise ParamError("--quantization gguf runs on the CPU in float32 (use --device cpu --dtype float32)")
+        if not spec.is_gguf:
+            raise ParamError(f"--quantization gguf needs a .gguf model file; {spec.name!r} is not one "
+                             "(accepted for it: --quantization int8 or none)")
+        if fused_ops() is None:
+            raise ParamError(f"--quantization gguf needs the fused CPU ops, which cannot be built here "
+                             f"({unavailable_reason()}); use --quantization none")
+
+
+def weight_format_label(model: torch.nn.Module, dtype_name: str, quantization: str | None) -> str:
+    """What the table shows: "float32", "int8 (float32)", "gguf Q4_1/Q8_0 (float32)"."""
+    if quantization is None:
+        return dtype_name
+    if quantization == "gguf":
+        formats = sorted({m.format for m in model.modules() if isinstance(m, BlockLinear)})
+        return f"gguf {'/'.join(formats)} ({dtype_name})"
+    return f"{quantization} ({dtype_name})"
 
 
 class NativeBackend(InProcessBackend):
@@ -39,10 +69,6 @@ class NativeBackend(InProcessBackend):
         options.check()
         self.device = resolve_device(options.device)
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        dtype_name, quantization = options.weight_format()
-        dtype = getattr(torch, dtype_name)
-        if quantization == "int8" and (device_type != "cpu" or dtype_name != "float32"):
-            raise ParamError("--quantization int8 runs on the CPU in float32 (use --device cpu --dtype float32)")
         speculative = SpeculativeConfig.from_options(
             options.speculative, options.speculative_config, num_speculative_tokens=options.num_speculative_tokens,
             prompt_lookup_min=options.prompt_lookup_min, prompt_lookup_max=options.prompt_lookup_max,
@@ -52,12 +78,19 @@ class NativeBackend(InProcessBackend):
             raise ParamError("--draft-quantization int8 runs on the CPU (use --device cpu)")
         spec = resolve_model(self.model_arg)
         self.model_name = spec.name
-        self.dtype = dtype_name if quantization is None else f"{quantization} ({dtype_name})"
         folder = local_folder(spec, progress)
+        dtype_name, quantization = options.weight_format()
+        check_weight_format(dtype_name, quantization, device_type, spec)
+        dtype = getattr(torch, dtype_name)
         drafting = speculative is not None and speculative.method == "draft"
         with steps(progress, f"Loading {spec.name} (native)", 3) as bar:
             draft = None
-            if quantization == "int8" and not drafting and not is_seed_gpt2_folder(folder):
+            if quantization == "gguf":
+                model, config, self.tokenizer = load_gguf_blocks(Path(spec.path), folder)
+                if drafting:
+                    draft = load_draft(speculative, model, config, self.tokenizer, dtype, self.device, progress)
+                bar.update(2)
+            elif quantization == "int8" and not drafting and not is_seed_gpt2_folder(folder):
                 model, config, self.tokenizer = load_int8_folder(folder)  # stored once quantized
                 bar.update(2)
             else:
@@ -92,6 +125,7 @@ class NativeBackend(InProcessBackend):
                                   max_model_len=max_model_len, speculative=speculative, draft=draft_args,
                                   fused_ops=options.fused_ops)
             bar.update(1)
+        self.dtype = weight_format_label(model, dtype_name, quantization)
         self.model = model
         self.model_config = config
         self.engine = engine

@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import nn
 
+from jupyter_llm.backends.native.block_quant import BlockLinear
 from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.kv_cache import KVCachePool
 from jupyter_llm.backends.native.loader import load_folder, local_folder
@@ -29,7 +30,8 @@ def load_draft(speculative: SpeculativeConfig, target: nn.Module, target_config:
         if not same_vocabulary(draft_tokenizer, tokenizer):
             raise ParamError(f"the draft model {spec.name!r} does not share the target's tokenizer "
                              "(different vocabulary); speculative decoding needs the same token ids")
-    if speculative.draft_quantization == "int8":
+    # A draft in GGUF blocks (a copy of a gguf target) is already smaller and faster than int8: kept.
+    if speculative.draft_quantization == "int8" and not any(isinstance(m, BlockLinear) for m in draft.modules()):
         quantize_int8(draft, tokenizer.encode(CALIBRATION_TEXT))
     return draft, draft_config
 

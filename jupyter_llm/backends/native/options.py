@@ -8,7 +8,7 @@ from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.errors import ParamError
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-QUANTIZATIONS = ("int8", "none")
+QUANTIZATIONS = ("gguf", "int8", "none")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
           "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
@@ -35,8 +35,10 @@ class NativeOptions(BackendOptions):
     """Options of `%llm_backend native` (names follow vLLM's)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (float64 for exactness tests)
-    quantization: str | None = None  # int8: dynamic int8 linear layers (CPU); none: the dtype's weights
+    dtype: str | None = None  # float32 | bfloat16 | float16 (float64 for exactness tests); None: see weight_format
+    # gguf: a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are (CPU); int8: dynamic int8 linear
+    # layers (CPU); none: the dtype's weights. None: see weight_format.
+    quantization: str | None = None
     kv_cache_memory: int | str | None = None  # KV pool size: bytes or "1GiB" (default 1 GiB on CPU)
     block_size: int = 16  # tokens per KV block
     enable_prefix_caching: bool = True  # --no-enable-prefix-caching turns it off
@@ -56,24 +58,26 @@ class NativeOptions(BackendOptions):
 
     def check(self) -> None:
         """Refuse values no device accepts (the device-dependent checks come with the device)."""
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ParamError(f"unknown dtype {self.dtype!r}; accepted: {', '.join(DTYPES)}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ParamError(f"unknown quantization {self.quantization!r}; accepted: int8, none")
+            raise ParamError(f"unknown quantization {self.quantization!r}; accepted: {', '.join(QUANTIZATIONS)}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ParamError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
     def weight_format(self) -> tuple[str, str | None]:
-        """(dtype, quantization or None).
+        """(dtype, quantization or None); float32 when neither is given.
 
-        The default stays float32, although int8 is 3-4x faster on the CPUs measured with
-        perplexity within 3% (docs/performance-notes.md): fbgemm's dynamic int8 quantizes a
-        step's activations with one scale for all its rows, so a greedy answer would change with
-        the requests batched beside it (and speculative decoding would lose its token-for-token
-        identity). `--quantization int8` asks for it; --dtype alone or --quantization none keep
-        the dtype's own weights."""
-        return self.dtype, None if self.quantization in (None, "none") else self.quantization
+        Not yet the GGUF blocks by default, though on one-token steps they are 3x float32's speed
+        with float32's perplexity: their activations are rounded to int8 per group, so a float
+        difference between the verify path of speculative decoding (or a prefill) and the decode
+        path can change a greedy token, where float32 keeps them token for token. Nor int8:
+        fbgemm's dynamic int8 quantizes a step's activations with one scale for all its rows, so
+        an answer changes with the requests batched beside it. --dtype alone or --quantization
+        none keep the dtype's own weights."""
+        dtype = self.dtype or "float32"
+        return dtype, None if self.quantization in (None, "none") else self.quantization
 
     def kv_cache_bytes(self) -> int | None:
         """--kv-cache-memory in bytes (None: the device's default)."""

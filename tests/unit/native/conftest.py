@@ -103,3 +103,10 @@ def tiny_native_unit(manager, tiny_llama) -> str:
     """The tiny llama of tests/tiny_models.py on the native backend."""
     return load_keeping_default(manager, "native", str(tiny_llama), name="unit-tiny-native", progress=False,
                                  kv_cache_memory="8MiB", max_num_batched_tokens=32)
+
+
+@pytest.fixture(scope="session")
+def embedded_native_gguf(manager, embedded_model) -> str:
+    """The embedded SmolLM2 on the native backend in its GGUF file's own blocks."""
+    return load_keeping_default(manager, "native", name="embedded-native-gguf", progress=False,
+                                 kv_cache_memory="256MiB", max_num_seqs=16, quantization="gguf")

@@ -124,11 +124,12 @@ def test_options_follow_vllm_names():
 
 
 @pytest.mark.parametrize("options,expected", [
-    ({}, ("float32", None)),  # int8 is not the default: its answers depend on the batch
+    ({}, ("float32", None)),  # neither int8 nor the GGUF blocks by default (see weight_format)
     ({"dtype": "float32"}, ("float32", None)),
     ({"quantization": "none"}, ("float32", None)),
     ({"dtype": "bfloat16"}, ("bfloat16", None)),
     ({"quantization": "int8"}, ("float32", "int8")),
+    ({"quantization": "gguf"}, ("float32", "gguf")),
 ])
 def test_weight_format_follows_dtype_and_quantization(options, expected):
     assert NativeOptions.parse(options, "native").weight_format() == expected

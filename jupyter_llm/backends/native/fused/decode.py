@@ -3,7 +3,8 @@
 Each layer is seven calls: residual add + RMSNorm, the qkv GEMM, RoPE + KV write + paged
 attention, the o_proj GEMM, residual add + RMSNorm, the gate_up GEMM, SiLU * up, and the
 down_proj GEMM (whose output the next layer's first call adds). The GEMMs stay PyTorch's
-(float32 `F.linear` or fbgemm's int8, see int8_linear.py). Same numbers as the eager forward
+(float32 `F.linear`, fbgemm's int8, see int8_linear.py, or GGUF's blocks, see
+block_quant.py). Same numbers as the eager forward
 in models/llama.py up to float rounding; `FusedLlamaDecoder.supports` says which models
 qualify (Llama, float32 activations on the CPU).
 """
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jupyter_llm.backends.native.block_quant import BlockLinear
 from jupyter_llm.backends.native.int8_linear import Int8Linear
 from jupyter_llm.backends.native.kv_cache import KVCachePool
 
@@ -51,6 +53,8 @@ def projection(module: nn.Module) -> Projection:
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
+    if isinstance(module, BlockLinear):
+        return module.linear_2d  # the kernel call without nn.Module's hooks and reshapes
     return module
 
 
@@ -73,12 +77,12 @@ class FusedLlamaDecoder:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """Llama-family, float32 activations (float32 or int8 weights), on the CPU."""
+        """Llama-family, float32 activations (float32, int8 or block weights), on the CPU."""
         from jupyter_llm.backends.native.models.llama import LlamaForCausalLM
 
-        embedding = getattr(model, "embed_tokens", None)
-        return (isinstance(model, LlamaForCausalLM) and embedding is not None
-                and embedding.weight.dtype == torch.float32 and embedding.weight.device.type == "cpu"
+        norm = getattr(model, "norm", None)
+        return (isinstance(model, LlamaForCausalLM) and norm is not None
+                and norm.weight.dtype == torch.float32 and norm.weight.device.type == "cpu"
                 and model.config.head_dim % 2 == 0)
 
     def hidden(self, input_ids: torch.Tensor, batch: DecodeBatch, kv_pool: KVCachePool) -> torch.Tensor:

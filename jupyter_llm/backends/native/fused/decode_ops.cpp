@@ -189,10 +189,3 @@ torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& co
   });
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm (float32)");
-  m.def("add_rms_norm_", &add_rms_norm_, "x += delta; RMSNorm(x) (float32)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused gate_up projection (float32)");
-  m.def("decode_attention", &decode_attention, "RoPE + KV write + attention over the paged cache, one token per sequence");
-}

@@ -1,4 +1,5 @@
-"""The fused decode ops (decode_ops.cpp): built once per torch build and CPU level, loaded on demand.
+"""The fused CPU ops (decode_ops.cpp, block_ops.cpp, bindings.cpp): built once per torch build and
+CPU level, loaded on demand.
 
 `torch.utils.cpp_extension.load` compiles the source with the system's C++ compiler and ninja
 into a folder of our build cache (beside the llama.cpp wheels; `JUPYTER_LLM_BUILDS` moves
@@ -20,7 +21,7 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_ops.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("bindings.cpp", "decode_ops.cpp", "block_ops.cpp")]
 DISABLE_ENV = "JUPYTER_LLM_FUSED_OPS"  # "0" turns the fused ops off (the eager path runs)
 
 
@@ -41,7 +42,8 @@ def build_dir() -> Path:
     base = os.environ.get("JUPYTER_LLM_BUILDS")
     root = Path(base).expanduser() if base else (
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jupyter_llm" / "builds")
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(build_flags()).encode())
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + torch.__version__.encode()
+                         + " ".join(build_flags()).encode())
     return root / "fused-ops" / key.hexdigest()[:16]
 
 
@@ -54,7 +56,8 @@ def _load() -> tuple[ModuleType | None, str | None]:
 
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        module = load(name="jupyter_llm_decode_ops", sources=[str(SOURCE)], extra_cflags=build_flags(),
+        module = load(name="jupyter_llm_decode_ops", sources=[str(source) for source in SOURCES],
+                      extra_cflags=build_flags(),
                       extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
         return module, None
     except Exception as error:  # noqa: BLE001 (no compiler, no ninja, a failed build: the eager path serves)

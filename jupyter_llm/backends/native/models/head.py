@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def vocab_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: torch.Tensor) -> torch.Tensor:
+def vocab_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: torch.Tensor | None) -> torch.Tensor:
     """Logits [N, V] from hidden states [N, H]: through `lm_head`, or the tied `embedding` [V, H].
 
     On a CPU, torch's linear for a few rows against a large vocabulary matrix is slower than the

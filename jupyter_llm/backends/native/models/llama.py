@@ -192,4 +192,5 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return vocab_logits(hidden, self.lm_head, self.embed_tokens.weight)  # lm_head None: tied embeddings
+        # lm_head None: tied embeddings (an int8 or block-quantized lm_head holds its own copy or view)
+        return vocab_logits(hidden, self.lm_head, self.embed_tokens.weight if self.lm_head is None else None)

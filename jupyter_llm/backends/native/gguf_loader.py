@@ -1,0 +1,116 @@
+"""Load a Llama-family GGUF file into the native model with its weights kept in GGUF's blocks.
+
+The config and tokenizer come from the file's converted HF folder (model_files.ensure_hf_folder,
+cached); the tensors come straight from the file: Q4_0, Q4_1 and Q8_0 projections become
+`BlockLinear` layers (block_quant.py), the token embedding a `BlockEmbedding` that the tied
+output layer shares, and the rest (norms, any other tensor type) float32. No float32 copy of
+a quantized matrix is ever made.
+
+GGUF stores the q and k rows of each head in adjacent rotary pairs (llama.cpp's convert
+permutes them from HF's rotate-half order), which is the order our models use
+(`interleave_rope_rows`), so whole rows of blocks are taken as they are.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from jupyter_llm.backends.native.block_quant import GGUF_TYPES, BlockEmbedding, BlockLinear, Blocks
+from jupyter_llm.backends.native.config import ModelConfig
+from jupyter_llm.backends.native.models import build_model
+from jupyter_llm.errors import ParamError
+from jupyter_llm.tokenizers import Tokenizer, load_tokenizer
+
+# Our names -> GGUF's ({i} is the layer); a list is stacked along the output rows.
+PROJECTIONS = {
+    "layers.{i}.self_attn.qkv_proj": ["blk.{i}.attn_q", "blk.{i}.attn_k", "blk.{i}.attn_v"],
+    "layers.{i}.self_attn.o_proj": ["blk.{i}.attn_output"],
+    "layers.{i}.mlp.gate_up_proj": ["blk.{i}.ffn_gate", "blk.{i}.ffn_up"],
+    "layers.{i}.mlp.down_proj": ["blk.{i}.ffn_down"],
+}
+NORMS = {
+    "layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "norm.weight": "output_norm.weight",
+}
+
+
+class GGUFTensors:
+    """The tensors of a GGUF file by name (a memory map; `blocks` and `floats` copy out)."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+
+        self.tensors = {tensor.name: tensor for tensor in GGUFReader(str(path)).tensors}
+
+    def type_name(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def shape(self, name: str) -> tuple[int, int]:
+        cols, rows = (int(v) for v in self.tensors[name].shape)  # GGUF lists the fastest dimension first
+        return rows, cols
+
+    def blocks(self, name: str) -> Blocks:
+        tensor = self.tensors[name]
+        return Blocks.from_gguf(tensor.tensor_type.name, tensor.data, self.shape(name))
+
+    def floats(self, name: str) -> torch.Tensor:
+        """The tensor in float32 (gguf-py dequantizes any type it knows)."""
+        from gguf.quants import dequantize
+
+        tensor = self.tensors[name]
+        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(values)).reshape(*reversed([int(v) for v in tensor.shape]))
+
+
+def blocks_layer(tensors: GGUFTensors, names: list[str]) -> nn.Module:
+    """One projection: blocks when all its parts are in one block format, else float32 weights."""
+    formats = {"Q4_1" if tensors.type_name(n) == "Q4_0" else tensors.type_name(n) for n in names}
+    if len(formats) == 1 and all(tensors.type_name(n) in GGUF_TYPES for n in names):
+        return BlockLinear(Blocks.cat([tensors.blocks(n) for n in names]))
+    weight = torch.cat([tensors.floats(n) for n in names])
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+def load_gguf_blocks(gguf_path: Path, folder: Path) -> tuple[nn.Module, ModelConfig, Tokenizer]:
+    """The model of a Llama-family GGUF file with block weights, its config and its tokenizer
+    (`folder`: the file's converted HF folder)."""
+    config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
+    if config.architecture != "llama":
+        raise ParamError(f"--quantization gguf loads Llama-family models; this GGUF file is {config.architecture!r} "
+                         "(use --quantization none)")
+    if config.attention_bias or config.mlp_bias:
+        raise ParamError("--quantization gguf loads Llama models without projection biases (use --quantization none)")
+    tokenizer = load_tokenizer(str(folder))
+    tensors = GGUFTensors(gguf_path)
+    with torch.device("meta"):
+        model = build_model(config)
+    for i in range(config.num_layers):
+        for ours, theirs in PROJECTIONS.items():
+            parent, _, attr = ours.format(i=i).rpartition(".")
+            layer = blocks_layer(tensors, [f"{name.format(i=i)}.weight" for name in theirs])
+            setattr(model.get_submodule(parent), attr, layer)
+    embedding = blocks_layer(tensors, ["token_embd.weight"])
+    if isinstance(embedding, BlockLinear):
+        model.embed_tokens = BlockEmbedding(embedding)
+    else:
+        model.embed_tokens = nn.Embedding.from_pretrained(embedding.weight, freeze=True)
+    if "output.weight" in tensors.tensors:
+        model.lm_head = blocks_layer(tensors, ["output.weight"])
+    elif isinstance(embedding, BlockLinear):
+        model.lm_head = embedding  # tied: the embedding's blocks, shared
+    floats = {}
+    for ours, theirs in NORMS.items():
+        for i in range(config.num_layers) if "{i}" in ours else [None]:
+            floats[ours.format(i=i)] = tensors.floats(theirs.format(i=i)).clone()
+    model.load_state_dict(floats, strict=False, assign=True)
+    missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if missing:
+        raise ValueError(f"the GGUF file lacks tensors for {missing[:3]}")
+    return model.eval().requires_grad_(False), config, tokenizer
