@@ -1,9 +1,9 @@
 """The native backend: our PyTorch engine (engine.py) behind the InProcessBackend machinery.
 
-`load` checks the options, picks the weight format (`NativeOptions.weight_format`; a GGUF
-file's own blocks with --quantization gguf, gguf_loader.py), loads the weights and tokenizer (loader.py), the
-draft model for speculative decoding (draft.py), int8-quantizes on request (quant.py), sizes the KV pool
-(kv_cache.py) and builds the step engine (engine.py).
+`load` checks the options, loads the weights and tokenizer (loader.py; a GGUF file's own
+blocks with --quantization gguf, gguf_loader.py), the draft model for speculative decoding
+(draft.py), int8-quantizes on request (quant.py), sizes the KV pool (kv_cache.py) and builds
+the step engine (engine.py).
 """
 from __future__ import annotations
 
@@ -78,10 +78,10 @@ class NativeBackend(InProcessBackend):
             raise ParamError("--draft-quantization int8 runs on the CPU (use --device cpu)")
         spec = resolve_model(self.model_arg)
         self.model_name = spec.name
-        folder = local_folder(spec, progress)
         dtype_name, quantization = options.weight_format()
-        check_weight_format(dtype_name, quantization, device_type, spec)
+        check_weight_format(dtype_name, quantization, device_type, spec)  # before a GGUF file is converted
         dtype = getattr(torch, dtype_name)
+        folder = local_folder(spec, progress)
         drafting = speculative is not None and speculative.method == "draft"
         with steps(progress, f"Loading {spec.name} (native)", 3) as bar:
             draft = None

@@ -72,11 +72,6 @@ class Blocks:
         return cls(parts[0].format, torch.cat([part.q for part in parts]),
                    torch.cat([part.scales for part in parts]), mins)
 
-    def permute_rows(self, order: torch.Tensor) -> Blocks:
-        """The matrix with its output rows in `order` (whole rows of blocks move)."""
-        mins = None if self.mins is None else self.mins[order].contiguous()
-        return Blocks(self.format, self.q[order].contiguous(), self.scales[order].contiguous(), mins)
-
     def dequantize(self) -> torch.Tensor:
         """The float32 matrix (for tests and the layers' reference)."""
         rows, cols = self.shape

@@ -35,9 +35,9 @@ class NativeOptions(BackendOptions):
     """Options of `%llm_backend native` (names follow vLLM's)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str | None = None  # float32 | bfloat16 | float16 (float64 for exactness tests); None: see weight_format
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (float64 for exactness tests)
     # gguf: a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are (CPU); int8: dynamic int8 linear
-    # layers (CPU); none: the dtype's weights. None: see weight_format.
+    # layers (CPU); none: the dtype's weights
     quantization: str | None = None
     kv_cache_memory: int | str | None = None  # KV pool size: bytes or "1GiB" (default 1 GiB on CPU)
     block_size: int = 16  # tokens per KV block
@@ -58,7 +58,7 @@ class NativeOptions(BackendOptions):
 
     def check(self) -> None:
         """Refuse values no device accepts (the device-dependent checks come with the device)."""
-        if self.dtype is not None and self.dtype not in DTYPES:
+        if self.dtype not in DTYPES:
             raise ParamError(f"unknown dtype {self.dtype!r}; accepted: {', '.join(DTYPES)}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ParamError(f"unknown quantization {self.quantization!r}; accepted: {', '.join(QUANTIZATIONS)}")
@@ -67,7 +67,7 @@ class NativeOptions(BackendOptions):
                 raise ParamError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
     def weight_format(self) -> tuple[str, str | None]:
-        """(dtype, quantization or None); float32 when neither is given.
+        """(dtype, quantization or None).
 
         Not yet the GGUF blocks by default, though on one-token steps they are 3x float32's speed
         with float32's perplexity: their activations are rounded to int8 per group, so a float
@@ -76,8 +76,7 @@ class NativeOptions(BackendOptions):
         fbgemm's dynamic int8 quantizes a step's activations with one scale for all its rows, so
         an answer changes with the requests batched beside it. --dtype alone or --quantization
         none keep the dtype's own weights."""
-        dtype = self.dtype or "float32"
-        return dtype, None if self.quantization in (None, "none") else self.quantization
+        return self.dtype, None if self.quantization in (None, "none") else self.quantization
 
     def kv_cache_bytes(self) -> int | None:
         """--kv-cache-memory in bytes (None: the device's default)."""

@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <vector>
 
 #ifdef __AVX2__
@@ -26,7 +25,7 @@
 namespace {
 
 constexpr int64_t kGroup = 32;   // values per block (GGUF's QK4_1 and QK8_0)
-constexpr int64_t kTileN = 4;    // output columns dequantized together
+constexpr int64_t kTileN = 4;    // output columns computed together
 constexpr int64_t kChunkM = 64;  // rows per pass over a tile (they stay in L2 across the tiles)
 
 // One group of 32 Q4_1 values: byte j holds value j (low nibble) and value j + 16 (high nibble).
@@ -125,9 +124,7 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-#endif
 
-#ifdef __AVX2__
 // The 32 values of group g of weight row n as unsigned bytes in the group's order (Q4_1: the
 // 4-bit values; Q8_0: |q|, with `sign` set to q, whose signs move onto the activations).
 template <bool Q4>

@@ -2,11 +2,10 @@
 
 Each layer is seven calls: residual add + RMSNorm, the qkv GEMM, RoPE + KV write + paged
 attention, the o_proj GEMM, residual add + RMSNorm, the gate_up GEMM, SiLU * up, and the
-down_proj GEMM (whose output the next layer's first call adds). The GEMMs stay PyTorch's
-(float32 `F.linear`, fbgemm's int8, see int8_linear.py, or GGUF's blocks, see
-block_quant.py). Same numbers as the eager forward
-in models/llama.py up to float rounding; `FusedLlamaDecoder.supports` says which models
-qualify (Llama, float32 activations on the CPU).
+down_proj GEMM (whose output the next layer's first call adds). The GEMMs are the layers' own
+(float32 `F.linear`, fbgemm's int8 in int8_linear.py, or GGUF's blocks in block_quant.py).
+Same numbers as the eager forward in models/llama.py up to float rounding;
+`FusedLlamaDecoder.supports` says which models qualify (Llama, float32 activations on the CPU).
 """
 from __future__ import annotations
 
