@@ -1,12 +1,14 @@
 """The native backend: our PyTorch engine (engine.py) behind the InProcessBackend machinery.
 
-`load` checks the options, loads the weights and tokenizer (loader.py; a GGUF file's own
-blocks with --quantization gguf, gguf_loader.py), the draft model for speculative decoding
+`load` checks the options, picks the weight format (`NativeOptions.weight_format`: a GGUF
+file's own blocks by default where `blocks_fit`, else float32), loads the weights and tokenizer
+(loader.py; the blocks through gguf_loader.py), the draft model for speculative decoding
 (draft.py), int8-quantizes on request (quant.py), sizes the KV pool (kv_cache.py) and builds
 the step engine (engine.py).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from jupyter_llm.backends.base import Capabilities
 from jupyter_llm.backends.devices import release_free_memory, resolve_device
 from jupyter_llm.backends.inprocess import InProcessBackend
 from jupyter_llm.backends.native.block_quant import BlockLinear
+from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.draft import draft_pool_blocks, load_draft
 from jupyter_llm.backends.native.engine import build_engine
 from jupyter_llm.backends.native.fused.ops import fused_ops, unavailable_reason
@@ -27,6 +30,7 @@ from jupyter_llm.backends.native.quant import CALIBRATION_TEXT, quantize_int8
 from jupyter_llm.backends.native.quant_cache import load_int8_folder
 from jupyter_llm.backends.native.seed_gpt2 import is_seed_gpt2_folder
 from jupyter_llm.backends.native.speculative import SpeculativeConfig
+from jupyter_llm.cpu import cpu_info
 from jupyter_llm.errors import ParamError
 from jupyter_llm.model_files import ModelSpec, resolve_model
 from jupyter_llm.progress import steps
@@ -47,6 +51,16 @@ def check_weight_format(dtype_name: str, quantization: str | None, device_type: 
         if fused_ops() is None:
             raise ParamError(f"--quantization gguf needs the fused CPU ops, which cannot be built here "
                              f"({unavailable_reason()}); use --quantization none")
+
+
+def blocks_fit(spec: ModelSpec, folder: Path, device_type: str) -> bool:
+    """Whether a GGUF file's blocks are the default format: a Llama-family file without
+    projection biases (what gguf_loader loads), on the CPU, with the fused ops built for AVX2
+    (the scalar fallback of block_ops.cpp is slower than float32's GEMMs)."""
+    if not spec.is_gguf or device_type != "cpu" or fused_ops() is None or not cpu_info().has("avx2", "fma"):
+        return False
+    config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
+    return config.architecture == "llama" and not (config.attention_bias or config.mlp_bias)
 
 
 def weight_format_label(model: torch.nn.Module, dtype_name: str, quantization: str | None) -> str:
@@ -78,10 +92,11 @@ class NativeBackend(InProcessBackend):
             raise ParamError("--draft-quantization int8 runs on the CPU (use --device cpu)")
         spec = resolve_model(self.model_arg)
         self.model_name = spec.name
-        dtype_name, quantization = options.weight_format()
-        check_weight_format(dtype_name, quantization, device_type, spec)  # before a GGUF file is converted
-        dtype = getattr(torch, dtype_name)
+        if options.dtype is not None or options.quantization is not None:
+            check_weight_format(*options.weight_format(), device_type, spec)  # before a GGUF file is converted
         folder = local_folder(spec, progress)
+        dtype_name, quantization = options.weight_format(blocks_fit(spec, folder, device_type))
+        dtype = getattr(torch, dtype_name)
         drafting = speculative is not None and speculative.method == "draft"
         with steps(progress, f"Loading {spec.name} (native)", 3) as bar:
             draft = None

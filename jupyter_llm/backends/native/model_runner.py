@@ -13,7 +13,7 @@ from torch import nn
 
 from jupyter_llm.backends.native.attention import AttentionMetadata
 from jupyter_llm.backends.native.config import ModelConfig
-from jupyter_llm.backends.native.fused.decode import DecodeBatch, FusedLlamaDecoder
+from jupyter_llm.backends.native.fused.decode import FusedLlamaDecoder, TokenRows
 from jupyter_llm.backends.native.fused.ops import fused_ops
 from jupyter_llm.backends.native.kv_cache import BlockManager, KVCachePool
 from jupyter_llm.backends.native.threads import ThreadChooser
@@ -42,7 +42,7 @@ class ModelRunner:
         self.kv_pool = kv_pool
         self.device = kv_pool.k.device
         self.thread_chooser = ThreadChooser()
-        # Decode-only steps of a float32 Llama run through the fused ops when they are built here.
+        # Every step of a float32 Llama runs through the fused ops when they are built here.
         ops = fused_ops() if fused and FusedLlamaDecoder.supports(model) and self.device.type == "cpu" else None
         self.fused = FusedLlamaDecoder(model, ops) if ops is not None else None
 
@@ -54,12 +54,13 @@ class ModelRunner:
         item i instead, concatenated in batch order (speculative verification needs every
         guessed position).
 
-        Single-token items (decodes) go first in the flat batch, sorted by context length, so
-        that attention batches them with no reordering (see attention.py); rows come back in
-        the caller's order."""
+        On the eager path, single-token items (decodes) go first in the flat batch, sorted by
+        context length, so that attention batches them with no reordering (see attention.py);
+        rows come back in the caller's order."""
         query_lens = [len(item.token_ids) for item in batch]
-        if self.fused is not None and max(query_lens) == 1 and (num_logits is None or max(num_logits) == 1):
-            return self._run_fused(batch)
+        wanted = num_logits or [1] * len(batch)
+        if self.fused is not None:
+            return self._run_fused(batch, query_lens, wanted)
         # Decodes first, shortest context first (attention groups them by length), then chunks.
         order = sorted(range(len(batch)),
                        key=lambda i: (query_lens[i] != 1, batch[i].start_pos if query_lens[i] == 1 else 0))
@@ -83,7 +84,6 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
-        wanted = num_logits or [1] * len(batch)
         rows = [starts[i] + j for i in range(len(batch)) for j in range(query_lens[i] - wanted[i], query_lens[i])]
 
         def compute() -> torch.Tensor:
@@ -96,13 +96,22 @@ class ModelRunner:
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-    def _run_fused(self, batch: Sequence[StepItem]) -> torch.Tensor:
-        """A decode-only step through the fused ops (rows in the caller's order)."""
-        decode = DecodeBatch.build([item.start_pos for item in batch], [item.slot_mapping[0] for item in batch],
-                                   [item.block_table for item in batch], self.kv_pool.block_size)
-        ids = torch.tensor([item.token_ids[0] for item in batch])
-        return self._on_chosen_threads(
-            len(batch), lambda: self.model.compute_logits(self.fused.hidden(ids, decode, self.kv_pool)))
+    def _run_fused(self, batch: Sequence[StepItem], query_lens: list[int], wanted: Sequence[int]) -> torch.Tensor:
+        """A step through the fused ops: every token a row, in the caller's order."""
+        tokens = TokenRows.build([item.start_pos for item in batch], query_lens,
+                                 [slot for item in batch for slot in item.slot_mapping],
+                                 [item.block_table for item in batch], self.kv_pool.block_size)
+        ids = torch.tensor([token for item in batch for token in item.token_ids])
+        ends = torch.tensor(query_lens).cumsum(0).tolist()
+        rows = [end - j for end, n in zip(ends, wanted) for j in range(n, 0, -1)]
+
+        def compute() -> torch.Tensor:
+            hidden = self.fused.hidden(ids, tokens, self.kv_pool)
+            if len(rows) != len(ids):
+                hidden = hidden.index_select(0, torch.tensor(rows))
+            return self.model.compute_logits(hidden)
+
+        return self._on_chosen_threads(len(ids), compute)
 
     def _on_chosen_threads(self, tokens: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A decode step on the thread count `ThreadChooser` picks for its size, timed for it."""
@@ -130,11 +139,13 @@ def build_runner(model: nn.Module, config: ModelConfig, num_blocks: int, block_s
 
 
 def prefill_logits(model: nn.Module, config: ModelConfig, token_ids: Sequence[int], num_logits: int = 1,
-                   block_size: int = 16) -> torch.Tensor:
+                   block_size: int = 16, fused: bool = True) -> torch.Tensor:
     """The logits of the last `num_logits` of `token_ids` from one prefill over a scratch KV pool
-    just large enough (any engine's own pool is left alone)."""
+    just large enough (any engine's own pool is left alone). `fused=False` runs the modules'
+    own forward (forward hooks see it)."""
     n = len(token_ids)
-    runner, blocks = build_runner(model, config, -(-n // block_size), block_size, enable_prefix_caching=False)
+    runner, blocks = build_runner(model, config, -(-n // block_size), block_size, enable_prefix_caching=False,
+                                  fused=fused)
     blocks.allocate(0, token_ids)
     blocks.append_slots(0, token_ids, n)
     item = StepItem(0, token_ids, 0, blocks.block_table(0), blocks.slot_mapping(0, 0, n))

@@ -35,9 +35,9 @@ class NativeOptions(BackendOptions):
     """Options of `%llm_backend native` (names follow vLLM's)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (float64 for exactness tests)
+    dtype: str | None = None  # float32 | bfloat16 | float16 (float64 for exactness tests); None: see weight_format
     # gguf: a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are (CPU); int8: dynamic int8 linear
-    # layers (CPU); none: the dtype's weights
+    # layers (CPU); none: the dtype's weights. None: see weight_format.
     quantization: str | None = None
     kv_cache_memory: int | str | None = None  # KV pool size: bytes or "1GiB" (default 1 GiB on CPU)
     block_size: int = 16  # tokens per KV block
@@ -45,7 +45,7 @@ class NativeOptions(BackendOptions):
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int | None = None  # tokens per step (default 512 on CPU, 2048 on CUDA)
     max_model_len: int | None = None  # prompt + output tokens (default: the model's context)
-    fused_ops: bool = True  # decode steps through the fused CPU ops (fused/); --no-fused-ops: the eager path
+    fused_ops: bool = True  # steps through the fused CPU ops (fused/); --no-fused-ops: the eager path
     # Speculative decoding (see speculative.py); vLLM's speculative_config dict is accepted too.
     speculative: str | None = None  # ngram | draft
     speculative_config: dict | str | None = None
@@ -58,7 +58,7 @@ class NativeOptions(BackendOptions):
 
     def check(self) -> None:
         """Refuse values no device accepts (the device-dependent checks come with the device)."""
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ParamError(f"unknown dtype {self.dtype!r}; accepted: {', '.join(DTYPES)}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ParamError(f"unknown quantization {self.quantization!r}; accepted: {', '.join(QUANTIZATIONS)}")
@@ -66,17 +66,20 @@ class NativeOptions(BackendOptions):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ParamError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
-    def weight_format(self) -> tuple[str, str | None]:
+    def weight_format(self, blocks_fit: bool = False) -> tuple[str, str | None]:
         """(dtype, quantization or None).
 
-        Not yet the GGUF blocks by default, though on one-token steps they are 3x float32's speed
-        with float32's perplexity: their activations are rounded to int8 per group, so a float
-        difference between the verify path of speculative decoding (or a prefill) and the decode
-        path can change a greedy token, where float32 keeps them token for token. Nor int8:
-        fbgemm's dynamic int8 quantizes a step's activations with one scale for all its rows, so
-        an answer changes with the requests batched beside it. --dtype alone or --quantization
-        none keep the dtype's own weights."""
-        return self.dtype, None if self.quantization in (None, "none") else self.quantization
+        With neither --dtype nor --quantization: a GGUF file's own blocks where they fit
+        (`blocks_fit`, see backend.blocks_fit: a Llama GGUF on a CPU with the AVX2 kernels),
+        else float32. The blocks are 3x float32's speed at one stream with float32's
+        perplexity, and every step computes a token's row alike (fused/decode.py), so answers
+        do not change with speculation, prefix caching or the requests beside them. Not int8:
+        fbgemm's dynamic int8 quantizes a step's activations with one scale for all its rows,
+        so an answer changes with the requests batched beside it. --dtype alone or
+        --quantization none keep the dtype's own weights."""
+        if self.dtype is None and self.quantization is None and blocks_fit:
+            return "float32", "gguf"
+        return self.dtype or "float32", None if self.quantization in (None, "none") else self.quantization
 
     def kv_cache_bytes(self) -> int | None:
         """--kv-cache-memory in bytes (None: the device's default)."""

@@ -83,7 +83,7 @@ def smooth_swiglu(model: nn.Module, calibration_ids: list[int], alpha: float = 0
 
     hooks = [mlp.gate_up_proj.register_forward_hook(record(mlp)) for mlp in mlps]
     try:
-        prefill_logits(model, model.config, calibration_ids)
+        prefill_logits(model, model.config, calibration_ids, fused=False)  # the hooks need module calls
     finally:
         for hook in hooks:
             hook.remove()

@@ -1,6 +1,7 @@
-"""The embedded SmolLM2 in the GGUF file's own blocks (--quantization gguf, gguf_loader.py):
-the float32 model's exact weights, float32's quality, and answers that do not depend on the
-requests batched beside them."""
+"""The embedded SmolLM2 in the GGUF file's own blocks (the default format for it, or
+--quantization gguf; gguf_loader.py): the float32 model's exact weights, float32's quality, and
+answers that do not depend on the requests batched beside them, on speculation or on how the
+prompt was split into steps."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from jupyter_llm.backends.native.fused.ops import fused_ops
 from jupyter_llm.backends.native.model_runner import prefill_logits
 from jupyter_llm.errors import ParamError
 from jupyter_llm.schema import SamplingParams
+from manager_helpers import load_keeping_default
 
 pytestmark = [pytest.mark.embedded, pytest.mark.skipif(fused_ops() is None, reason="fused ops not built")]
 
@@ -63,6 +65,57 @@ def test_quality_holds_against_float32(manager, embedded_native_gguf, embedded_n
                  for c, answer in zip(manager.generate(list(facts), params, backend=name), facts.values()))
              for name in (embedded_native_gguf, embedded_native)]
     assert right[0] == right[1] > 0
+
+
+def test_blocks_are_the_default_for_the_embedded_file():
+    default = NativeBackend(None, kv_cache_memory="16MiB")
+    default.load(progress=False)
+    assert default.dtype == "gguf Q4_1/Q8_0 (float32)"
+    for forced in ({"dtype": "float32"}, {"quantization": "none"}):  # either option forces float32
+        backend = NativeBackend(None, kv_cache_memory="16MiB", **forced)
+        backend.load(progress=False)
+        assert backend.dtype == "float32" and not any(isinstance(m, BlockLinear) for m in backend.model.modules())
+
+
+def test_a_token_gets_the_same_logits_in_a_chunk_alone_or_beside_others(manager, embedded_native_gguf, engine_cls):
+    """Every step computes a token's row alike: a prompt prefilled as one chunk, as chunks of
+    3 beside another sequence's decodes, or token by token gives bitwise the same logits."""
+    backend = manager.get(embedded_native_gguf)
+    ids = backend.tokenizer.encode("The quick brown fox jumps over the lazy dog, and then it")
+    other = backend.tokenizer.encode("Once upon a time")
+    runs = []
+    for chunk in (len(ids), 3, 1):
+        engine = engine_cls(backend.model, backend.model_config, num_blocks=16, block_size=4, prefix_caching=False)
+        engine.add(0, ids)
+        engine.add(1, other)
+        engine.step({1: len(other)})
+        rows = []
+        while engine.computed[0] < len(ids):
+            n = min(chunk, len(ids) - engine.computed[0])
+            engine.tokens[1].append(7)
+            rows.append(engine.step({0: n, 1: 1})[0])  # a decode of sequence 1 in every step
+        runs.append(torch.cat(rows))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("speculative", [{"speculative": "ngram", "num_speculative_tokens": 4},
+                                         {"speculative": "draft", "num_speculative_tokens": 3,
+                                          "draft_quantization": "int8"}])  # a gguf copy keeps its blocks
+def test_speculation_keeps_greedy_answers_token_for_token(manager, embedded_native_gguf, speculative):
+    prompts = ["Repeat after me: red green blue, red green blue, red green blue,",
+               "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return"]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    plain = [c.token_ids for c in manager.generate(prompts, params, backend=embedded_native_gguf)]
+    name = load_keeping_default(manager, "native", name="gguf-speculative", progress=False,
+                                kv_cache_memory="32MiB", max_num_seqs=4, **speculative)
+    try:
+        assert manager.get(name).dtype == "gguf Q4_1/Q8_0 (float32)"
+        assert [c.token_ids for c in manager.generate(prompts, params, backend=name)] == plain
+        stats = manager.get(name).engine.stats()
+        if speculative["speculative"] == "draft":  # the draft is the target's copy: it guesses every token
+            assert stats["spec_acceptance_rate"] == 1.0
+    finally:
+        manager.unload(name)
 
 
 def test_answers_do_not_depend_on_the_batch(manager, embedded_native_gguf):

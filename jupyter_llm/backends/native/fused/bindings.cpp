@@ -1,14 +1,14 @@
-// The Python module of the fused CPU ops: decode_ops.cpp (the work between a decode step's GEMMs)
+// The Python module of the fused CPU ops: decode_ops.cpp (the work between a step's GEMMs)
 // and block_ops.cpp (the GEMMs over GGUF's block-quantized weights).
 #include <torch/extension.h>
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor add_rms_norm_(torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& w, double eps);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
-torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                               const torch::Tensor& positions, torch::Tensor& k_cache, torch::Tensor& v_cache,
-                               const torch::Tensor& slots, const torch::Tensor& block_tables,
-                               const torch::Tensor& context_lens, int64_t num_heads, double scale);
+torch::Tensor token_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                              const torch::Tensor& positions, torch::Tensor& k_cache, torch::Tensor& v_cache,
+                              const torch::Tensor& slots, const torch::Tensor& block_tables,
+                              const torch::Tensor& row_seqs, int64_t num_heads, double scale);
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
                         const torch::Tensor& mins, const c10::optional<torch::Tensor>& bias);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
@@ -23,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>(), "RMSNorm (float32)");
   m.def("add_rms_norm_", &add_rms_norm_, py::call_guard<py::gil_scoped_release>(), "x += delta; RMSNorm(x) (float32)");
   m.def("silu_mul", &silu_mul, py::call_guard<py::gil_scoped_release>(), "silu(gate) * up from a fused gate_up projection (float32)");
-  m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>(), "RoPE + KV write + attention over the paged cache, one token per sequence");
+  m.def("token_attention", &token_attention, py::call_guard<py::gil_scoped_release>(), "RoPE + KV write + causal attention over the paged cache, one row per token");
   m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>(), "x @ W.T for Q4_1 block weights (float32 activations)");
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x @ W.T for Q8_0 block weights (float32 activations)");
   m.def("q4_rows", &q4_rows, py::call_guard<py::gil_scoped_release>(), "float32 rows of a Q4_1 block matrix (embedding lookup)");

@@ -1,11 +1,14 @@
-"""The decode step of a Llama-family model over the fused ops (decode_ops.cpp).
+"""A step of a Llama-family model over the fused ops (decode_ops.cpp), one row per token.
 
 Each layer is seven calls: residual add + RMSNorm, the qkv GEMM, RoPE + KV write + paged
 attention, the o_proj GEMM, residual add + RMSNorm, the gate_up GEMM, SiLU * up, and the
 down_proj GEMM (whose output the next layer's first call adds). The GEMMs are the layers' own
 (float32 `F.linear`, fbgemm's int8 in int8_linear.py, or GGUF's blocks in block_quant.py).
-Same numbers as the eager forward in models/llama.py up to float rounding;
-`FusedLlamaDecoder.supports` says which models qualify (Llama, float32 activations on the CPU).
+Decode tokens, prefill chunks and speculative guesses are all rows: every op but the GEMMs
+works row by row, so with row-invariant GEMMs (GGUF's blocks) a token gets the same bits
+whatever shares its step. Same numbers as the eager forward in models/llama.py up to float
+rounding; `FusedLlamaDecoder.supports` says which models qualify (Llama, float32 activations
+on the CPU).
 """
 from __future__ import annotations
 
@@ -25,23 +28,25 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class DecodeBatch:
-    """One new token per sequence: its position, its pool slot, its block table (padded to the
-    longest) and its context length (tokens cached before it plus itself)."""
+class TokenRows:
+    """The tokens of one step, one row each: its position, its pool slot and its sequence (an
+    index into `block_tables`, one row of blocks per sequence, padded to the longest)."""
 
-    positions: torch.Tensor  # [B] int64
-    slots: torch.Tensor  # [B] int64
-    block_tables: torch.Tensor  # [B, W] int64
-    context_lens: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [T] int64
+    slots: torch.Tensor  # [T] int64
+    row_seqs: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [S, W] int64
 
     @classmethod
-    def build(cls, positions: Sequence[int], slots: Sequence[int], block_tables: Sequence[Sequence[int]],
-              block_size: int) -> DecodeBatch:
-        lens = [p + 1 for p in positions]
-        width = max(-(-n // block_size) for n in lens)
+    def build(cls, starts: Sequence[int], lengths: Sequence[int], slots: Sequence[int],
+              block_tables: Sequence[Sequence[int]], block_size: int) -> TokenRows:
+        """Sequence i contributes lengths[i] rows at positions starts[i] ...; `slots` is flat."""
+        positions = [p for start, n in zip(starts, lengths) for p in range(start, start + n)]
+        row_seqs = [i for i, n in enumerate(lengths) for _ in range(n)]
+        width = max(-(-(start + n) // block_size) for start, n in zip(starts, lengths))
         tables = [list(t[:width]) + [0] * (width - min(len(t), width)) for t in block_tables]
         return cls(torch.tensor(positions, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
-                   torch.tensor(tables, dtype=torch.int64), torch.tensor(lens, dtype=torch.int64))
+                   torch.tensor(row_seqs, dtype=torch.int64), torch.tensor(tables, dtype=torch.int64))
 
 
 def projection(module: nn.Module) -> Projection:
@@ -58,7 +63,7 @@ def projection(module: nn.Module) -> Projection:
 
 
 class FusedLlamaDecoder:
-    """Runs `LlamaForCausalLM`'s decode steps through the fused ops."""
+    """Runs `LlamaForCausalLM`'s steps through the fused ops."""
 
     def __init__(self, model: nn.Module, ops: ModuleType) -> None:
         self.model = model
@@ -84,16 +89,16 @@ class FusedLlamaDecoder:
                 and norm.weight.dtype == torch.float32 and norm.weight.device.type == "cpu"
                 and model.config.head_dim % 2 == 0)
 
-    def hidden(self, input_ids: torch.Tensor, batch: DecodeBatch, kv_pool: KVCachePool) -> torch.Tensor:
-        """The final-norm hidden states [B, hidden] of one decode step; K/V written into `kv_pool`."""
+    def hidden(self, input_ids: torch.Tensor, rows: TokenRows, kv_pool: KVCachePool) -> torch.Tensor:
+        """The final-norm hidden states [T, hidden] of one step; K/V written into `kv_pool`."""
         ops, eps = self.ops, self.eps
         x = self.model.embed_tokens(input_ids)  # a fresh tensor: the residual stream, updated in place
         delta = None
         for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.layers):
             h = ops.rms_norm(x, norm1, eps) if delta is None else ops.add_rms_norm_(x, delta, norm1, eps)
-            attn = ops.decode_attention(qkv_proj(h), self.rope_cos, self.rope_sin, batch.positions,
-                                        kv_pool.k_heads[i], kv_pool.v_heads[i], batch.slots, batch.block_tables,
-                                        batch.context_lens, self.num_heads, self.scale)
+            attn = ops.token_attention(qkv_proj(h), self.rope_cos, self.rope_sin, rows.positions,
+                                       kv_pool.k_heads[i], kv_pool.v_heads[i], rows.slots, rows.block_tables,
+                                       rows.row_seqs, self.num_heads, self.scale)
             h = ops.add_rms_norm_(x, o_proj(attn), norm2, eps)
             delta = down_proj(ops.silu_mul(gate_up_proj(h)))
         return ops.add_rms_norm_(x, delta, self.final_norm, eps)
