@@ -62,7 +62,7 @@ from jupyter_llm.bench.metrics import percentile
 ENGINES = ("native-gguf", "native-fp32", "native-int8", "native-int8-eager", "transformers", "llama.cpp",
            "llamacpp-backend", "onnx-fp32", "onnx-int8", "onnx-int4")
 OPT_IN_ENGINES = ("native-int8-eager", "llamacpp-backend")  # only when --engines names them
-SCENARIOS = ("uniform", "batch", "mixed", "single", "prefix", "quality")
+SCENARIOS = ("uniform", "batch", "mixed", "single", "prefill", "prefix", "quality")
 # The module each engine needs beyond torch and transformers (the default run skips an engine without it).
 ENGINE_MODULES = {"llama.cpp": "llama_cpp", "llamacpp-backend": "llama_cpp", "onnx-fp32": "onnxruntime_genai",
                   "onnx-int8": "onnxruntime_genai", "onnx-int4": "onnxruntime_genai"}
@@ -96,6 +96,7 @@ class Sizes:
     batch_requests: int = 16  # the batch scenario: uniform_prompt and uniform_tokens, fewer requests
     single_prompt: int = 32
     single_tokens: int = 128
+    prefill_prompt: int = 512  # the prefill scenario: one prompt of this many tokens, one output token
     prefix_tokens: int = 1000
     suffix_tokens: int = 16
     repeats: int = 2
@@ -104,7 +105,7 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(uniform_requests=8, uniform_prompt=16, uniform_tokens=12, mixed_requests=6, mixed_prompt=(16, 64),
                    mixed_tokens=(4, 16), concurrency=(1, 4), batch_requests=4, single_prompt=16, single_tokens=16,
-                   prefix_tokens=256, suffix_tokens=8, repeats=1)
+                   prefill_prompt=128, prefix_tokens=256, suffix_tokens=8, repeats=1)
 
     def largest_batch(self) -> int:
         """The most requests the benchmark has in flight at once."""
@@ -639,6 +640,13 @@ def run_benchmark(names: list[str], sizes: Sizes, threads: int, kv: str | None,
                 raw[engine.name].setdefault("single_decode_tok_s", []).append(
                     (r.tokens - 1) / (r.last - r.first) if r.last > r.first else float("nan"))
 
+        if "prefill" in scenarios:
+            rng = random.Random(350 + repeat)
+            prompt = [Request(random_prompt(rng, sizes.prefill_prompt), 1)]
+            for engine in engines.values():
+                [r], _ = measure("prefill", engine, prompt, 1)
+                raw[engine.name].setdefault("prefill_tok_s", []).append(sizes.prefill_prompt / r.ttft)
+
         if "prefix" in scenarios:
             for engine in engines.values():
                 rng = random.Random(400 + repeat * 10 + list(engines).index(engine.name))
@@ -702,6 +710,10 @@ def ratios(summary: dict[str, dict[str, float]], sizes: Sizes) -> list[tuple[str
     c_hi = f"mixed_c{max(sizes.concurrency)}_tok_s"
     batch = f"batch {sizes.batch_requests}"
     return [
+        # Issue 16's bars for the default format (the GGUF blocks for the embedded model).
+        ("single: native gguf / llama.cpp", of("native-gguf", "llama.cpp", "single_decode_tok_s"), 1.0),
+        ("prefill: native gguf / llama.cpp", of("native-gguf", "llama.cpp", "prefill_tok_s"), 2.0),
+        ("perplexity: native gguf / native fp32", of("native-gguf", "native-fp32", "perplexity"), None),
         ("uniform: native int8 / transformers", of("native-int8", "transformers", "uniform_tok_s"), 2.5),
         ("uniform: native fp32 / transformers", of("native-fp32", "transformers", "uniform_tok_s"), 1.1),
         (f"mixed c={max(sizes.concurrency)}: native fp32 / transformers", of("native-fp32", "transformers", c_hi), 1.5),
@@ -747,6 +759,7 @@ def metric_rows(sizes: Sizes) -> list[tuple[str, str, Any]]:
         rows.append((f"mixed c={c}: TTFT p99 (s)", f"mixed_c{c}_ttft_p99", number(3)))
     return rows + [
         ("single stream: decode tok/s", "single_decode_tok_s", number(1)),
+        (f"prefill, {sizes.prefill_prompt}-token prompt: prompt tok/s", "prefill_tok_s", number(1)),
         (f"TTFT, {sizes.prefix_tokens}-token prefix cold (s)", "prefix_ttft_cold", number(3)),
         (f"TTFT, {sizes.prefix_tokens}-token prefix cached (s)", "prefix_ttft_cached", number(3)),
         ("exact match, factual completions", "exact_match", lambda value: fmt_fraction(value, len(FACTS))),
@@ -765,8 +778,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Engine benchmark {report['date']}{' (quick)' if report['quick'] else ''}",
         "",
-        (f"Model: embedded SmolLM2-135M-Instruct (native and transformers: float32 weights converted from the "
-        f"Q4_1 GGUF; llama.cpp: the Q4_1 GGUF; onnx: ONNX Runtime GenAI exports of the float32 conversion with "
+        (f"Model: embedded SmolLM2-135M-Instruct (native-gguf: the Q4_1 GGUF's own blocks; native-fp32, int8 "
+        f"and transformers: float32 weights converted from the Q4_1 GGUF; llama.cpp: the Q4_1 GGUF; onnx: ONNX Runtime GenAI exports of the float32 conversion with "
         f"fp32, int8 or int4 weights). Greedy, EOS ignored. Threads: {report['threads']} "
         f"(torch intra-op, llama.cpp, ONNX Runtime intra-op). Median of {sizes.repeats} interleaved repeat(s)."),
         (f"Machine: {machine_line(env)}; transformers {env['transformers']}, "

@@ -4,7 +4,9 @@ The config and tokenizer come from the file's converted HF folder (model_files.e
 cached); the tensors come straight from the file: Q4_0, Q4_1 and Q8_0 projections become
 `BlockLinear` layers (block_quant.py), the token embedding a `BlockEmbedding` that the tied
 output layer shares, and the rest (norms, any other tensor type) float32. No float32 copy of
-a quantized matrix is ever made.
+a quantized matrix is ever made. gguf-py's reader parses every metadata field in Python (the
+tokenizer's 49,152 strings: about 10 s on these CPUs), so the loaded blocks are stored once in the
+model cache as safetensors (`cached_blocks`) and later loads read them in well under a second.
 
 GGUF stores the q and k rows of each head in adjacent rotary pairs (llama.cpp's convert
 permutes them from HF's rotate-half order), which is the order our models use
@@ -12,7 +14,10 @@ permutes them from HF's rotate-half order), which is the order our models use
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +83,12 @@ def blocks_layer(tensors: GGUFTensors, names: list[str]) -> nn.Module:
     return linear
 
 
+CACHE_VERSION = "gguf-blocks-v1"  # change it when the layout below or gguf_loader's mapping changes
+
+
 def load_gguf_blocks(gguf_path: Path, folder: Path) -> tuple[nn.Module, ModelConfig, Tokenizer]:
     """The model of a Llama-family GGUF file with block weights, its config and its tokenizer
-    (`folder`: the file's converted HF folder)."""
+    (`folder`: the file's converted HF folder); from the cached copy when there is one."""
     config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
     if config.architecture != "llama":
         raise ParamError(f"--quantization gguf loads Llama-family models; this GGUF file is {config.architecture!r} "
@@ -88,6 +96,77 @@ def load_gguf_blocks(gguf_path: Path, folder: Path) -> tuple[nn.Module, ModelCon
     if config.attention_bias or config.mlp_bias:
         raise ParamError("--quantization gguf loads Llama models without projection biases (use --quantization none)")
     tokenizer = load_tokenizer(str(folder))
+    cache = cache_path(gguf_path)
+    if cache.exists():
+        return read_cached_blocks(cache, config), config, tokenizer
+    model = read_gguf_blocks(gguf_path, config)
+    write_cached_blocks(model, cache)
+    return model, config, tokenizer
+
+
+def cache_path(gguf_path: Path) -> Path:
+    """The stored blocks of a GGUF file: keyed by its path, size and modification time."""
+    from jupyter_llm.model_files import cache_dir
+
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}"
+    return cache_dir() / "gguf-blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+
+
+def write_cached_blocks(model: nn.Module, path: Path) -> None:
+    """The model's tensors (each shared one once) and which modules are blocks, as safetensors."""
+    from safetensors.torch import save_file
+
+    blocks = {name: m.format for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, BlockLinear)}
+    tied = model.lm_head is getattr(model.embed_tokens, "linear", None)
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()
+               if not (tied and name.startswith("lm_head."))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        pass
+    try:  # written aside, then renamed: a reader never sees half a file
+        save_file(tensors, tmp.name, metadata={"blocks": json.dumps(blocks), "tied": json.dumps(tied)})
+        os.replace(tmp.name, path)
+    finally:
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+
+
+def read_cached_blocks(path: Path, config: ModelConfig) -> nn.Module:
+    """The model that `write_cached_blocks` stored."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    blocks, tied = json.loads(meta["blocks"]), json.loads(meta["tied"])
+    with torch.device("meta"):
+        model = build_model(config)
+    for name, fmt in blocks.items():
+        if tied and name == "lm_head":
+            continue
+        parts = Blocks(fmt, tensors.pop(f"{name}.q"), tensors.pop(f"{name}.scales"), tensors.pop(f"{name}.mins", None))
+        if name == "embed_tokens.linear":
+            model.embed_tokens = BlockEmbedding(BlockLinear(parts))
+        else:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, BlockLinear(parts))
+    if tied:
+        model.lm_head = model.embed_tokens.linear
+    return finished(model, tensors)
+
+
+def finished(model: nn.Module, floats: dict[str, torch.Tensor]) -> nn.Module:
+    """`model` with its float tensors assigned, checked complete, in eval mode."""
+    model.load_state_dict(floats, strict=False, assign=True)
+    missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if missing:
+        raise ValueError(f"the GGUF file lacks tensors for {missing[:3]}")
+    return model.eval().requires_grad_(False)
+
+
+def read_gguf_blocks(gguf_path: Path, config: ModelConfig) -> nn.Module:
+    """The model of a GGUF file with its block tensors as they are (see the module's docstring)."""
     tensors = GGUFTensors(gguf_path)
     with torch.device("meta"):
         model = build_model(config)
@@ -109,8 +188,4 @@ def load_gguf_blocks(gguf_path: Path, folder: Path) -> tuple[nn.Module, ModelCon
     for ours, theirs in NORMS.items():
         for i in range(config.num_layers) if "{i}" in ours else [None]:
             floats[ours.format(i=i)] = tensors.floats(theirs.format(i=i)).clone()
-    model.load_state_dict(floats, strict=False, assign=True)
-    missing = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
-    if missing:
-        raise ValueError(f"the GGUF file lacks tensors for {missing[:3]}")
-    return model.eval().requires_grad_(False), config, tokenizer
+    return finished(model, floats)

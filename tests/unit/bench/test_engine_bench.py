@@ -41,12 +41,16 @@ def test_ratios_skip_engines_that_did_not_run():
     summary = {"native-int8": {"single_decode_tok_s": 40.0, "batch_tok_s": 100.0, "perplexity": 14.0},
                "onnx-int8": {"single_decode_tok_s": 30.0, "batch_tok_s": 80.0},
                "onnx-int4": {"single_decode_tok_s": 35.0, "perplexity": 15.4},
-               "onnx-fp32": {"perplexity": 14.0}}
+               "onnx-fp32": {"perplexity": 14.0},
+               "native-gguf": {"prefill_tok_s": 150.0, "single_decode_tok_s": 45.0},
+               "llama.cpp": {"prefill_tok_s": 100.0}}
     got = {label: (value, target) for label, value, target in eb.ratios(summary, sizes)}
+    assert got["prefill: native gguf / llama.cpp"] == (pytest.approx(1.5), 2.0)  # issue 16's bar
+    assert got["single: native gguf / llama.cpp"] == (None, 1.0)  # llama.cpp's single stream did not run
     assert got["single: onnx int8 / native int8"] == (pytest.approx(0.75), None)
     assert got["batch 16: onnx int8 / native int8"] == (pytest.approx(0.8), None)
     assert got["perplexity: onnx int4 / onnx fp32"] == (pytest.approx(1.1), None)
-    assert got["single: onnx int4 / llama.cpp"] == (None, None)  # llama.cpp did not run
+    assert got["single: onnx int4 / llama.cpp"] == (None, None)  # llama.cpp's single stream did not run
     assert got["uniform: native int8 / transformers"] == (None, 2.5)
     assert eb.ratio(1.0, 0.0) is None and eb.ratio(float("nan"), 1.0) is None
 

@@ -5,6 +5,7 @@ prompt was split into steps."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,22 @@ def test_gguf_format_needs_a_gguf_file(tiny_llama):
         NativeBackend(str(tiny_llama), quantization="gguf", kv_cache_memory="1MiB").load(progress=False)
     with pytest.raises(ParamError, match="CPU in float32"):
         NativeBackend(None, quantization="gguf", dtype="bfloat16").load(progress=False)
+
+
+def test_blocks_are_stored_once_and_read_back_as_they_were(manager, embedded_native_gguf, tmp_path):
+    """gguf-py's reader takes seconds over the tokenizer's metadata: a load stores the blocks in
+    the model cache, and a later load reads them back bitwise, tied embedding included."""
+    from jupyter_llm.backends.native import gguf_loader
+    from jupyter_llm.model_files import embedded_gguf_path
+
+    backend = manager.get(embedded_native_gguf)
+    assert gguf_loader.cache_path(Path(embedded_gguf_path())).exists()  # the fixture's load stored them
+    fresh = gguf_loader.read_gguf_blocks(Path(embedded_gguf_path()), backend.model_config)
+    gguf_loader.write_cached_blocks(fresh, tmp_path / "blocks.safetensors")
+    back = gguf_loader.read_cached_blocks(tmp_path / "blocks.safetensors", backend.model_config)
+    assert isinstance(back.embed_tokens, BlockEmbedding) and back.lm_head is back.embed_tokens.linear
+    ours, theirs = fresh.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ids = backend.tokenizer.encode(TEXT)[:40]
+    config = backend.model_config
+    assert torch.equal(prefill_logits(back, config, ids), prefill_logits(fresh, config, ids))
