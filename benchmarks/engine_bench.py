@@ -779,7 +779,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Engine benchmark {report['date']}{' (quick)' if report['quick'] else ''}",
         "",
         (f"Model: embedded SmolLM2-135M-Instruct (native-gguf: the Q4_1 GGUF's own blocks; native-fp32, int8 "
-        f"and transformers: float32 weights converted from the Q4_1 GGUF; llama.cpp: the Q4_1 GGUF; onnx: ONNX Runtime GenAI exports of the float32 conversion with "
+        f"and transformers: float32 weights converted from the Q4_1 GGUF; llama.cpp: the Q4_1 GGUF; "
+        f"onnx: ONNX Runtime GenAI exports of the float32 conversion with "
         f"fp32, int8 or int4 weights). Greedy, EOS ignored. Threads: {report['threads']} "
         f"(torch intra-op, llama.cpp, ONNX Runtime intra-op). Median of {sizes.repeats} interleaved repeat(s)."),
         (f"Machine: {machine_line(env)}; transformers {env['transformers']}, "
