@@ -105,12 +105,12 @@ def load_gguf_blocks(gguf_path: Path, folder: Path) -> tuple[nn.Module, ModelCon
 
 
 def cache_path(gguf_path: Path) -> Path:
-    """The stored blocks of a GGUF file: keyed by its path, size and modification time."""
-    from jupyter_llm.model_files import cache_dir
+    """The stored blocks of a GGUF file: keyed by its content (as its converted folder is) and
+    CACHE_VERSION, so one copy serves every environment that installs the same file."""
+    from jupyter_llm.model_files import cache_dir, file_hash
 
-    stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}"
-    return cache_dir() / "gguf-blocks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    key = hashlib.sha256(f"{file_hash(gguf_path)}|{CACHE_VERSION}".encode()).hexdigest()[:24]
+    return cache_dir() / "gguf-blocks" / f"{gguf_path.stem}-{key}.safetensors"
 
 
 def write_cached_blocks(model: nn.Module, path: Path) -> None:
