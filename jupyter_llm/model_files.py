@@ -126,6 +126,21 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """Tensors to a safetensors file, written aside and then renamed: a reader never sees half a file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, scratch, metadata=metadata)
+        os.replace(scratch, path)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+
+
 def converted_folder(spec: ModelSpec) -> Path:
     """The cache folder that holds (or will hold) the HF conversion of a GGUF file."""
     return cache_dir() / "converted" / f"{Path(spec.path).stem}-{file_hash(spec.path)[:16]}"

@@ -8,7 +8,6 @@ the step engine (engine.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.draft import draft_pool_blocks, load_draft
 from jupyter_llm.backends.native.engine import build_engine
 from jupyter_llm.backends.native.fused.ops import fused_ops, unavailable_reason
-from jupyter_llm.backends.native.gguf_loader import load_gguf_blocks
+from jupyter_llm.backends.native.gguf_loader import blocks_refusal, load_gguf_blocks
 from jupyter_llm.backends.native.kv_cache import kv_cache_budget, size_kv_pool
 from jupyter_llm.backends.native.loader import load_folder, local_folder
 from jupyter_llm.backends.native.options import DEFAULT_MAX_NUM_BATCHED_TOKENS, NativeOptions
@@ -54,13 +53,12 @@ def check_weight_format(dtype_name: str, quantization: str | None, device_type: 
 
 
 def blocks_fit(spec: ModelSpec, folder: Path, device_type: str) -> bool:
-    """Whether a GGUF file's blocks are the default format: a Llama-family file without
-    projection biases (what gguf_loader loads), on the CPU, with the fused ops built for AVX2
+    """Whether a GGUF file's blocks are the default format: a model that gguf_loader loads in
+    blocks (a Llama without projection biases), on the CPU, with the fused ops built for AVX2
     (the scalar fallback of block_ops.cpp is slower than float32's GEMMs)."""
     if not spec.is_gguf or device_type != "cpu" or fused_ops() is None or not cpu_info().has("avx2", "fma"):
         return False
-    config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
-    return config.architecture == "llama" and not (config.attention_bias or config.mlp_bias)
+    return blocks_refusal(ModelConfig.from_folder(folder)) is None
 
 
 def weight_format_label(model: torch.nn.Module, dtype_name: str, quantization: str | None) -> str:

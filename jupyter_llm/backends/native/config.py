@@ -1,7 +1,9 @@
 """`ModelConfig`: the few numbers the native engine needs, read from an HF config.json."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ARCHITECTURES = ("llama", "gpt2")
@@ -43,6 +45,11 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ModelConfig:
+        """Build from the config.json of an HF model folder."""
+        return cls.from_hf_config(json.loads((folder / "config.json").read_text()))
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:

@@ -5,8 +5,9 @@ cached); the tensors come straight from the file: Q4_0, Q4_1 and Q8_0 projection
 `BlockLinear` layers (block_quant.py), the token embedding a `BlockEmbedding` that the tied
 output layer shares, and the rest (norms, any other tensor type) float32. No float32 copy of
 a quantized matrix is ever made. gguf-py's reader parses every metadata field in Python (the
-tokenizer's 49,152 strings: about 10 s on these CPUs), so the loaded blocks are stored once in the
-model cache as safetensors (`cached_blocks`) and later loads read them in well under a second.
+tokenizer's 49,152 strings: about 10 s on these CPUs), so the loaded blocks are stored once in
+the model cache as safetensors (`write_cached_blocks`, `read_cached_blocks`) and later loads
+read them in well under a second.
 
 GGUF stores the q and k rows of each head in adjacent rotary pairs (llama.cpp's convert
 permutes them from HF's rotate-half order), which is the order our models use
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from jupyter_llm.backends.native.block_quant import GGUF_TYPES, BlockEmbedding, 
 from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.models import build_model
 from jupyter_llm.errors import ParamError
+from jupyter_llm.model_files import cache_dir, file_hash, save_safetensors
 from jupyter_llm.tokenizers import Tokenizer, load_tokenizer
 
 # Our names -> GGUF's ({i} is the layer); a list is stacked along the output rows.
@@ -83,18 +83,26 @@ def blocks_layer(tensors: GGUFTensors, names: list[str]) -> nn.Module:
     return linear
 
 
+def blocks_refusal(config: ModelConfig) -> str | None:
+    """Why a model of this config does not load in blocks (None: it does)."""
+    if config.architecture != "llama":
+        return (f"--quantization gguf loads Llama-family models; this GGUF file is {config.architecture!r} "
+                "(use --quantization none)")
+    if config.attention_bias or config.mlp_bias:
+        return "--quantization gguf loads Llama models without projection biases (use --quantization none)"
+    return None
+
+
 CACHE_VERSION = "gguf-blocks-v1"  # change it when the layout below or gguf_loader's mapping changes
 
 
 def load_gguf_blocks(gguf_path: Path, folder: Path) -> tuple[nn.Module, ModelConfig, Tokenizer]:
     """The model of a Llama-family GGUF file with block weights, its config and its tokenizer
     (`folder`: the file's converted HF folder); from the cached copy when there is one."""
-    config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
-    if config.architecture != "llama":
-        raise ParamError(f"--quantization gguf loads Llama-family models; this GGUF file is {config.architecture!r} "
-                         "(use --quantization none)")
-    if config.attention_bias or config.mlp_bias:
-        raise ParamError("--quantization gguf loads Llama models without projection biases (use --quantization none)")
+    config = ModelConfig.from_folder(folder)
+    refusal = blocks_refusal(config)
+    if refusal is not None:
+        raise ParamError(refusal)
     tokenizer = load_tokenizer(str(folder))
     cache = cache_path(gguf_path)
     if cache.exists():
@@ -107,29 +115,17 @@ def load_gguf_blocks(gguf_path: Path, folder: Path) -> tuple[nn.Module, ModelCon
 def cache_path(gguf_path: Path) -> Path:
     """The stored blocks of a GGUF file: keyed by its content (as its converted folder is) and
     CACHE_VERSION, so one copy serves every environment that installs the same file."""
-    from jupyter_llm.model_files import cache_dir, file_hash
-
     key = hashlib.sha256(f"{file_hash(gguf_path)}|{CACHE_VERSION}".encode()).hexdigest()[:24]
     return cache_dir() / "gguf-blocks" / f"{gguf_path.stem}-{key}.safetensors"
 
 
 def write_cached_blocks(model: nn.Module, path: Path) -> None:
     """The model's tensors (each shared one once) and which modules are blocks, as safetensors."""
-    from safetensors.torch import save_file
-
     blocks = {name: m.format for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, BlockLinear)}
     tied = model.lm_head is getattr(model.embed_tokens, "linear", None)
     tensors = {name: t.contiguous() for name, t in model.state_dict().items()
                if not (tied and name.startswith("lm_head."))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        pass
-    try:  # written aside, then renamed: a reader never sees half a file
-        save_file(tensors, tmp.name, metadata={"blocks": json.dumps(blocks), "tied": json.dumps(tied)})
-        os.replace(tmp.name, path)
-    finally:
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
+    save_safetensors(tensors, path, {"blocks": json.dumps(blocks), "tied": json.dumps(tied)})
 
 
 def read_cached_blocks(path: Path, config: ModelConfig) -> nn.Module:

@@ -7,7 +7,6 @@ Conv1D weights transposed). `load_seed_gpt2` reads the from-scratch GPT-2 of the
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,9 +66,8 @@ def load_model(
             return load_seed_gpt2(source, config, dtype, device)
         return _load_hf(source, ModelConfig.from_hf_config(config), dtype, device)
     folder = Path(source)
-    hf_config = json.loads((folder / "config.json").read_text())
     weights = _read_weights(folder)
-    return _load_hf(weights, ModelConfig.from_hf_config(hf_config), dtype, device, consume=True)
+    return _load_hf(weights, ModelConfig.from_folder(folder), dtype, device, consume=True)
 
 
 def local_folder(spec: ModelSpec, progress: bool) -> Path:

@@ -4,6 +4,7 @@
 prompt over a scratch pool of its own (calibration, perplexity, tests)."""
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -102,8 +103,7 @@ class ModelRunner:
                                  [slot for item in batch for slot in item.slot_mapping],
                                  [item.block_table for item in batch], self.kv_pool.block_size)
         ids = torch.tensor([token for item in batch for token in item.token_ids])
-        ends = torch.tensor(query_lens).cumsum(0).tolist()
-        rows = [end - j for end, n in zip(ends, wanted) for j in range(n, 0, -1)]
+        rows = [end - j for end, n in zip(itertools.accumulate(query_lens), wanted) for j in range(n, 0, -1)]
 
         def compute() -> torch.Tensor:
             hidden = self.fused.hidden(ids, tokens, self.kv_pool)
@@ -114,7 +114,7 @@ class ModelRunner:
         return self._on_chosen_threads(len(ids), compute)
 
     def _on_chosen_threads(self, tokens: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A decode step on the thread count `ThreadChooser` picks for its size, timed for it."""
+        """A step on the thread count `ThreadChooser` picks for its size, timed for it."""
         available = torch.get_num_threads()
         threads = self.thread_chooser.threads_for(tokens, available)
         if threads != available:

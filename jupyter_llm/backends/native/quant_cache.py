@@ -11,13 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from jupyter_llm.backends.native.config import ModelConfig
@@ -25,6 +22,7 @@ from jupyter_llm.backends.native.int8_linear import Int8Linear
 from jupyter_llm.backends.native.loader import load_model
 from jupyter_llm.backends.native.models import build_model
 from jupyter_llm.backends.native.quant import CALIBRATION_TEXT, quantize_int8
+from jupyter_llm.model_files import save_safetensors
 from jupyter_llm.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,7 @@ def cache_path(folder: Path) -> Path:
 
 
 def save_int8(model: nn.Module, path: Path) -> None:
-    """Store a quantized model (written to a temporary file, then renamed: never half a file)."""
+    """Store a quantized model (`save_safetensors`: never half a file)."""
     tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
@@ -55,15 +53,7 @@ def save_int8(model: nn.Module, path: Path) -> None:
             tensors[name + WEIGHT], tensors[name + SCALES] = weight.contiguous(), scales.contiguous()
             if bias is not None:
                 tensors[name + BIAS] = bias.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, scratch, metadata={"recipe": RECIPE, "reduce_range": json.dumps(False)})
-        os.replace(scratch, path)
-    finally:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
+    save_safetensors(tensors, path, {"recipe": RECIPE, "reduce_range": json.dumps(False)})
 
 
 def load_int8(config: ModelConfig, path: Path) -> nn.Module:
@@ -94,7 +84,7 @@ def load_int8_folder(folder: Path) -> tuple[nn.Module, ModelConfig, Tokenizer]:
     """The int8 model of an HF folder with its config and tokenizer: from the cache when it is
     stored there, else loaded in float32, quantized (quant.py) and stored for the next load."""
     tokenizer = load_tokenizer(str(folder))
-    config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
+    config = ModelConfig.from_folder(folder)
     path = cache_path(folder)
     if path.is_file():
         try:
