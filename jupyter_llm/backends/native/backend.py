@@ -56,7 +56,7 @@ def blocks_fit(spec: ModelSpec, folder: Path, device_type: str) -> bool:
     """Whether a GGUF file's blocks are the default format: a model that gguf_loader loads in
     blocks (a Llama without projection biases), on the CPU, with the fused ops built for AVX2
     (the scalar fallback of block_ops.cpp is slower than float32's GEMMs)."""
-    if not spec.is_gguf or device_type != "cpu" or fused_ops() is None or not cpu_info().has("avx2", "fma"):
+    if not spec.is_gguf or device_type != "cpu" or fused_ops() is None or not cpu_info().has("avx2", "fma", "f16c"):
         return False
     return blocks_refusal(ModelConfig.from_folder(folder)) is None
 

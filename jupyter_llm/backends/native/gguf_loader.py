@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jupyter_llm.backends.native.block_quant import GGUF_TYPES, BlockEmbedding, BlockLinear, Blocks
+from jupyter_llm.backends.native.block_quant import GGUF_TYPES, BlockEmbedding, BlockLinear, Blocks, PackedBlocks
 from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.models import build_model
 from jupyter_llm.errors import ParamError
@@ -93,7 +93,7 @@ def blocks_refusal(config: ModelConfig) -> str | None:
     return None
 
 
-CACHE_VERSION = "gguf-blocks-v1"  # change it when the layout below or gguf_loader's mapping changes
+CACHE_VERSION = "gguf-blocks-v2"  # change it when the layout below or gguf_loader's mapping changes
 
 
 def load_gguf_blocks(gguf_path: Path, folder: Path) -> tuple[nn.Module, ModelConfig, Tokenizer]:
@@ -120,8 +120,10 @@ def cache_path(gguf_path: Path) -> Path:
 
 
 def write_cached_blocks(model: nn.Module, path: Path) -> None:
-    """The model's tensors (each shared one once) and which modules are blocks, as safetensors."""
-    blocks = {name: m.format for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, BlockLinear)}
+    """The model's tensors (each shared one once, blocks packed) and which modules are blocks
+    (format and shape), as safetensors."""
+    blocks = {name: [m.format, m.out_features, m.in_features]
+              for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, BlockLinear)}
     tied = model.lm_head is getattr(model.embed_tokens, "linear", None)
     tensors = {name: t.contiguous() for name, t in model.state_dict().items()
                if not (tied and name.startswith("lm_head."))}
@@ -138,10 +140,11 @@ def read_cached_blocks(path: Path, config: ModelConfig) -> nn.Module:
     blocks, tied = json.loads(meta["blocks"]), json.loads(meta["tied"])
     with torch.device("meta"):
         model = build_model(config)
-    for name, fmt in blocks.items():
+    for name, (fmt, out_features, in_features) in blocks.items():
         if tied and name == "lm_head":
             continue
-        parts = Blocks(fmt, tensors.pop(f"{name}.q"), tensors.pop(f"{name}.scales"), tensors.pop(f"{name}.mins", None))
+        parts = PackedBlocks(fmt, out_features, in_features, tensors.pop(f"{name}.q"), tensors.pop(f"{name}.scales"),
+                             tensors.pop(f"{name}.mins", None))
         if name == "embed_tokens.linear":
             model.embed_tokens = BlockEmbedding(BlockLinear(parts))
         else:

@@ -67,6 +67,18 @@ def test_a_row_gives_the_same_bits_alone_or_batched(type_name):
     assert torch.equal(layer(x[3:8]), batched[3:8])
 
 
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+def test_the_packed_layout_gives_the_blocks_back(type_name):
+    # 7 rows (a partial tile of four columns) and 3 groups (padded to an even count)
+    blocks, weight = gguf_blocks(type_name, 7, 96, seed=10)
+    packed = blocks.pack()
+    assert packed.q.shape[0] == 2 and packed.scales.dtype == torch.float16 and packed.scales.shape == (2, 16)
+    back = BlockLinear(packed).blocks()
+    assert torch.equal(back.q, blocks.q) and torch.equal(back.scales, blocks.scales)
+    assert (back.mins is None) == (type_name == "Q8_0") and (back.mins is None or torch.equal(back.mins, blocks.mins))
+    assert torch.equal(back.dequantize(), weight)
+
+
 def test_many_rows_and_a_zero_row():
     blocks, weight = gguf_blocks("Q4_1", 12, 64, seed=5)
     layer = BlockLinear(blocks)

@@ -3,8 +3,16 @@
 //
 // llama.cpp's scheme: the weights stay in their blocks, the activations are quantized per row
 // and group of 32 to int8 (Q8_1, `quantize_rows`), and each group's product is an exact integer
-// dot product (AVX2 maddubs) scaled by the two groups' scales; four output columns at a time,
-// each group of weights unpacked once for two rows.
+// dot product (AVX2 maddubs) scaled by the two groups' scales.
+//
+// The packed layout (block_quant.PackedBlocks): output columns in tiles of four, a row's groups
+// padded to an even count. Per group a tile holds its four columns' values side by side (Q4_1:
+// 4 x 16 bytes of nibbles, byte j holding value j low and value j + 16 high; Q8_0: 4 x 32
+// bytes), so that one 32-byte load feeds two columns (Q4_1) or one, and the integer sums of four
+// columns and two groups land in one vector of eight lanes (`lane` says which) after a few exact
+// integer additions. Per pair of groups the tile's eight scales (and Q4_1's minimums) are
+// float16 in that lane order, the values GGUF stores: a pair of groups costs one conversion and
+// one FMA for all four columns, where a column at a time costs them per column and group.
 //
 // Batch invariance: a row's activations are quantized on their own and every (row, column)
 // result adds its terms in one order whatever the number of rows beside it, so a sequence's
@@ -12,6 +20,7 @@
 // activation scale per step, does not have that property).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,258 +34,254 @@
 namespace {
 
 constexpr int64_t kGroup = 32;   // values per block (GGUF's QK4_1 and QK8_0)
-constexpr int64_t kTileN = 4;    // output columns computed together
+constexpr int64_t kTileN = 4;    // output columns per tile
 constexpr int64_t kChunkM = 64;  // rows per pass over a tile (they stay in L2 across the tiles)
 
-// One group of 32 Q4_1 values: byte j holds value j (low nibble) and value j + 16 (high nibble).
-inline void dequant_q4_group(const uint8_t* q, float d, float m, float* out) {
-#ifdef __AVX2__
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
-  auto put = [&](__m128i eight, float* dst) {
-    _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)), vd, vm));
-  };
-  put(lo, out);
-  put(_mm_srli_si128(lo, 8), out + 8);
-  put(hi, out + 16);
-  put(_mm_srli_si128(hi, 8), out + 24);
-#else
-  for (int j = 0; j < 16; ++j) {
-    out[j] = static_cast<float>(q[j] & 0x0F) * d + m;
-    out[j + 16] = static_cast<float>(q[j] >> 4) * d + m;
-  }
-#endif
+// The lane of column c (0-3) and group parity e (0, 1) in a pair's vector of eight sums, in the
+// order the AVX2 reductions below produce: Q4_1 [c0 c2 c0' c2' c1 c3 c1' c3'] (' = odd group),
+// Q8_0 [c0 c1 c2 c3 c0' c1' c2' c3']. block_quant.py lays the scales out by the same rule.
+template <bool Q4>
+constexpr int lane(int c, int e) {
+  return Q4 ? (c & 1) * 4 + e * 2 + (c >> 1) : e * 4 + c;
 }
 
-inline void dequant_q8_group(const int8_t* q, float d, float* out) {
-#ifdef __AVX2__
-  const __m256 vd = _mm256_set1_ps(d);
-  for (int j = 0; j < 32; j += 8) {
-    const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j));
-    _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), vd));
-  }
-#else
-  for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(q[j]) * d;
-#endif
-}
+inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
 
-// The float32 values of row n of a block-quantized matrix (K values).
-struct BlockMatrix {
-  const uint8_t* q4 = nullptr;  // [N, K / 2] (Q4_1)
-  const int8_t* q8 = nullptr;   // [N, K] (Q8_0)
-  const float* scales;          // [N, K / 32]
-  const float* mins = nullptr;  // [N, K / 32] (Q4_1)
-  int64_t n, k;
+// A block-quantized [n, k] matrix in the packed layout.
+struct PackedMatrix {
+  bool q4;
+  const uint8_t* q;          // [tiles, groups * 4 * bytes_per_group]
+  const uint16_t* scales;    // [tiles, groups / 2 * 8] float16 bits, lane order
+  const uint16_t* mins;      // like scales (Q4_1), else nullptr
+  int64_t n, k, groups;      // columns, in features, groups per row (padded to even)
 
+  int64_t group_bytes() const { return q4 ? kGroup / 2 : kGroup; }
+  int64_t tile_bytes() const { return groups * kTileN * group_bytes(); }
+  int64_t tiles() const { return (n + kTileN - 1) / kTileN; }
+
+  // The float32 values of row `row` (one column of W.T), k of them.
   void dequant_row(int64_t row, float* out) const {
-    const int64_t groups = k / kGroup;
-    const float* d = scales + row * groups;
-    if (q4 != nullptr) {
-      const uint8_t* q = q4 + row * (k / 2);
-      const float* m = mins + row * groups;
-      for (int64_t g = 0; g < groups; ++g) dequant_q4_group(q + g * 16, d[g], m[g], out + g * kGroup);
-    } else {
-      const int8_t* q = q8 + row * k;
-      for (int64_t g = 0; g < groups; ++g) dequant_q8_group(q + g * kGroup, d[g], out + g * kGroup);
+    const int64_t t = row / kTileN;
+    const int c = static_cast<int>(row % kTileN);
+    for (int64_t g = 0; g < k / kGroup; ++g) {
+      const int64_t at = t * groups * 4 + (g / 2) * 8 + (q4 ? lane<true>(c, g % 2) : lane<false>(c, g % 2));
+      const float d = half_to_float(scales[at]);
+      const uint8_t* values = q + t * tile_bytes() + (g * kTileN + c) * group_bytes();
+      float* o = out + g * kGroup;
+      if (q4) {
+        const float m = half_to_float(mins[at]);
+        for (int j = 0; j < 16; ++j) {
+          o[j] = static_cast<float>(values[j] & 0x0F) * d + m;
+          o[j + 16] = static_cast<float>(values[j] >> 4) * d + m;
+        }
+      } else {
+        for (int j = 0; j < kGroup; ++j) o[j] = static_cast<float>(static_cast<int8_t>(values[j])) * d;
+      }
     }
   }
 };
 
 // Activations quantized per group of 32, as llama.cpp's Q8_1: q = round(x / d) with
 // d = max |x| / 127, and s = d * sum(q) (what a Q4_1 minimum multiplies). Per row, so a row's
-// values never depend on the rows beside it.
+// values never depend on the rows beside it. The groups are padded to the weights' even count
+// (zeros, d = s = 0), and d and s are also laid out per pair of groups in the weights' lane
+// order (`d_lanes`, `s_lanes`: [rows, groups / 2, 8]).
 struct QuantizedRows {
-  std::vector<int8_t> q;  // [rows, k]
-  std::vector<float> d, s;  // [rows, k / 32]
-  int64_t k;
+  std::vector<int8_t> q;                // [rows, groups * 32]
+  std::vector<float> d_lanes, s_lanes;  // [rows, groups / 2 * 8]
+  int64_t width, groups;
 };
 
-QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
-  const int64_t groups = k / kGroup;
-  QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups), std::vector<float>(rows * groups), k};
-  at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
+template <bool Q4>
+QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k, int64_t groups) {
+  const int64_t real = k / kGroup, width = groups * kGroup, pairs = groups / 2;
+  QuantizedRows out{std::vector<int8_t>(rows * width, 0), std::vector<float>(rows * pairs * 8, 0.f),
+                    std::vector<float>(rows * pairs * 8, 0.f), width, groups};
+  at::parallel_for(0, rows * real, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* v = x + i * kGroup;  // group i of the flat [rows, k] matrix
+      const int64_t row = i / real, g = i % real;
+      const float* v = x + row * k + g * kGroup;
       float amax = 0.f;
       for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(v[j]));
       const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
       int sum = 0;
-      int8_t* q = out.q.data() + i * kGroup;
+      int8_t* q = out.q.data() + row * width + g * kGroup;
       for (int j = 0; j < kGroup; ++j) {
         const int value = static_cast<int>(std::nearbyint(v[j] * inv));
         q[j] = static_cast<int8_t>(value);
         sum += value;
       }
-      out.d[i] = d;
-      out.s[i] = d * static_cast<float>(sum);
+      const float s = d * static_cast<float>(sum);
+      float* dl = out.d_lanes.data() + (row * pairs + g / 2) * 8;
+      float* sl = out.s_lanes.data() + (row * pairs + g / 2) * 8;
+      for (int c = 0; c < kTileN; ++c) {
+        const int l = lane<Q4>(c, static_cast<int>(g % 2));
+        dl[l] = d;
+        sl[l] = s;
+      }
     }
   });
   return out;
 }
 
 #ifdef __AVX2__
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// The 32 values of group g of weight row n as unsigned bytes in the group's order (Q4_1: the
-// 4-bit values; Q8_0: |q|, with `sign` set to q, whose signs move onto the activations).
-template <bool Q4>
-inline __m256i weight_group(const BlockMatrix& w, int64_t n, int64_t g, __m256i& sign) {
-  if (Q4) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q4 + n * (w.k / 2) + g * 16));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
-  }
-  sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q8 + n * w.k + g * kGroup));
-  return _mm256_abs_epi8(sign);
-}
-#endif
-
-// y[r][c] for R rows from r0 and the columns n0 .. n0 + cols (a tile past the last column
-// repeats it and drops the copies). Per (row, column) the terms are added in one order whatever
-// R is: per group, the exact integer dot product times d_w * d_x into eight float lanes, the
-// lanes summed in a fixed order, then the minimums' terms.
-template <int R, bool Q4>
-void tile_dots(const QuantizedRows& x, int64_t r0, const BlockMatrix& w, int64_t n0, int64_t cols, float* y,
-               int64_t ldy) {
-  const int64_t k = x.k, groups = k / kGroup;
-  int64_t col[kTileN];
-  for (int c = 0; c < kTileN; ++c) col[c] = n0 + std::min<int64_t>(c, cols - 1);
-  float minimum_terms[R][kTileN] = {};
-  if (Q4)
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < kTileN; ++c) {
-        const float* m = w.mins + col[c] * groups;
-        const float* s = x.s.data() + (r0 + r) * groups;
-        float total = 0.f;
-        for (int64_t g = 0; g < groups; ++g) total += m[g] * s[g];
-        minimum_terms[r][c] = total;
-      }
-  float result[R][kTileN];
-#ifdef __AVX2__
+// The integer sums of one group and the tile's four columns, before the pair is combined.
+// Q4_1: [c0 c0 c2 c2 | c1 c1 c3 c3] (two partial sums each); Q8_0: [c0 c1 c2 c3 | c0 c1 c2 c3]
+// (the group's first and second sixteen values).
+inline __m256i q4_group_sums(__m256i lo01, __m256i hi01, __m256i lo23, __m256i hi23, const int8_t* x) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[R][kTileN];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kTileN; ++c) acc[r][c] = _mm256_setzero_ps();
-  const float* scales[kTileN];
-  for (int c = 0; c < kTileN; ++c) scales[c] = w.scales + col[c] * groups;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i wv[kTileN], sv[kTileN];
-    for (int c = 0; c < kTileN; ++c) wv[c] = weight_group<Q4>(w, col[c], g, sv[c]);
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = r0 + r;
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + row * k + g * kGroup));
-      const float dx = x.d[row * groups + g];
-      for (int c = 0; c < kTileN; ++c) {
-        const __m256i xs = Q4 ? xv : _mm256_sign_epi8(xv, sv[c]);
-        const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], xs), ones);
-        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scales[c][g] * dx), acc[r][c]);
+  const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  const __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16)));
+  // |sum| <= 2 * (2 * 15 * 127): the int16 additions cannot saturate.
+  const __m256i s01 = _mm256_madd_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo01, xlo), _mm256_maddubs_epi16(hi01, xhi)), ones);
+  const __m256i s23 = _mm256_madd_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo23, xlo), _mm256_maddubs_epi16(hi23, xhi)), ones);
+  return _mm256_hadd_epi32(s01, s23);
+}
+
+inline __m256i q8_column_sums(__m256i w, __m256i x) {
+  // maddubs takes one unsigned operand: |w|, with w's signs moved onto x.
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)),
+                           _mm256_set1_epi16(1));
+}
+
+inline __m256 load_halves(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+// y[r][c] for R rows from r0 and tile t's columns (`cols` of them are real). Per (row, column)
+// the terms are added in one order whatever R is: per pair of groups, the exact integer sums
+// times d_w * d_x into one lane (and Q4_1's minimum times s_x into another), the two lanes of
+// the column added at the end.
+template <int R, bool Q4>
+void tile_dots(const QuantizedRows& x, int64_t r0, const PackedMatrix& w, int64_t t, int64_t cols, float* y,
+               int64_t ldy) {
+  const int64_t pairs = w.groups / 2, width = x.width;
+  const uint8_t* wq = w.q + t * w.tile_bytes();
+  const uint16_t* ws = w.scales + t * pairs * 8;
+  const uint16_t* wm = Q4 ? w.mins + t * pairs * 8 : nullptr;
+  float total[R][8];
+#ifdef __AVX2__
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 acc[R], acc_min[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m256i sums[R][2];
+    for (int e = 0; e < 2; ++e) {
+      const int64_t g = 2 * p + e;
+      if (Q4) {
+        const uint8_t* wg = wq + g * 64;
+        const __m256i v01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg));
+        const __m256i v23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32));
+        const __m256i lo01 = _mm256_and_si256(v01, mask), hi01 = _mm256_and_si256(_mm256_srli_epi16(v01, 4), mask);
+        const __m256i lo23 = _mm256_and_si256(v23, mask), hi23 = _mm256_and_si256(_mm256_srli_epi16(v23, 4), mask);
+        for (int r = 0; r < R; ++r)
+          sums[r][e] = q4_group_sums(lo01, hi01, lo23, hi23, x.q.data() + (r0 + r) * width + g * kGroup);
+      } else {
+        const uint8_t* wg = wq + g * 128;
+        __m256i wv[kTileN];
+        for (int c = 0; c < kTileN; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 32));
+        for (int r = 0; r < R; ++r) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (r0 + r) * width + g * kGroup));
+          sums[r][e] = _mm256_hadd_epi32(_mm256_hadd_epi32(q8_column_sums(wv[0], xv), q8_column_sums(wv[1], xv)),
+                                         _mm256_hadd_epi32(q8_column_sums(wv[2], xv), q8_column_sums(wv[3], xv)));
+        }
       }
+    }
+    const __m256 scale = load_halves(ws + p * 8);
+    const __m256 minimum = Q4 ? load_halves(wm + p * 8) : _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = ((r0 + r) * pairs + p) * 8;
+      const __m256i pair = Q4 ? _mm256_hadd_epi32(sums[r][0], sums[r][1])
+                              : _mm256_add_epi32(_mm256_permute2x128_si256(sums[r][0], sums[r][1], 0x20),
+                                                 _mm256_permute2x128_si256(sums[r][0], sums[r][1], 0x31));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair), _mm256_mul_ps(scale, _mm256_loadu_ps(x.d_lanes.data() + at)),
+                               acc[r]);
+      if (Q4) acc_min[r] = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(x.s_lanes.data() + at), acc_min[r]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kTileN; ++c) result[r][c] = hsum(acc[r][c]) + minimum_terms[r][c];
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(total[r], _mm256_add_ps(acc[r], acc_min[r]));
 #else
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kTileN; ++c) {
-      const int64_t row = r0 + r, n = col[c];
-      float total = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        int isum = 0;
-        for (int j = 0; j < kGroup; ++j) {
-          const int value = !Q4 ? w.q8[n * k + g * kGroup + j]
-                          : j < 16 ? w.q4[n * (k / 2) + g * 16 + j] & 0x0F
-                                   : w.q4[n * (k / 2) + g * 16 + j - 16] >> 4;
-          isum += value * x.q[row * k + g * kGroup + j];
+  // The same arithmetic lane by lane (std::fma as the AVX2 path's FMA).
+  float acc[R][8] = {}, acc_min[R][8] = {};
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = ((r0 + r) * pairs + p) * 8;
+      for (int e = 0; e < 2; ++e) {
+        const int64_t g = 2 * p + e;
+        const int8_t* xg = x.q.data() + (r0 + r) * width + g * kGroup;
+        for (int c = 0; c < kTileN; ++c) {
+          const uint8_t* wg = wq + (g * kTileN + c) * w.group_bytes();
+          int sum = 0;
+          for (int j = 0; j < kGroup; ++j) {
+            const int value = !Q4 ? static_cast<int8_t>(wg[j]) : j < 16 ? wg[j] & 0x0F : wg[j - 16] >> 4;
+            sum += value * xg[j];
+          }
+          const int l = lane<Q4>(c, e);
+          acc[r][l] = std::fma(static_cast<float>(sum), half_to_float(ws[p * 8 + l]) * x.d_lanes[at + l], acc[r][l]);
+          if (Q4) acc_min[r][l] = std::fma(half_to_float(wm[p * 8 + l]), x.s_lanes[at + l], acc_min[r][l]);
         }
-        total += static_cast<float>(isum) * (w.scales[n * groups + g] * x.d[row * groups + g]);
       }
-      result[r][c] = total + minimum_terms[r][c];
     }
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < 8; ++l) total[r][l] = acc[r][l] + acc_min[r][l];
 #endif
   for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < cols; ++c) y[r * ldy + c] = result[r][c];
+    for (int c = 0; c < cols; ++c) y[r * ldy + c] = total[r][lane<Q4>(c, 0)] + total[r][lane<Q4>(c, 1)];
 }
 
 template <bool Q4>
-void rows_times_tiles(const QuantizedRows& xq, const BlockMatrix& w, float* yp, int64_t rows, int64_t begin,
-                      int64_t end) {
-  const int64_t n = w.n;
-  for (int64_t m0 = 0; m0 < rows; m0 += kChunkM) {
-    const int64_t m1 = std::min(rows, m0 + kChunkM);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kTileN, cols = std::min(kTileN, n - n0);
-      int64_t r = m0;
-      for (; r + 2 <= m1; r += 2) tile_dots<2, Q4>(xq, r, w, n0, cols, yp + r * n + n0, n);
-      if (r < m1) tile_dots<1, Q4>(xq, r, w, n0, cols, yp + r * n + n0, n);
-    }
-  }
-}
-
-torch::Tensor block_linear(const torch::Tensor& x, const BlockMatrix& w, const c10::optional<torch::Tensor>& bias) {
+torch::Tensor packed_linear(const torch::Tensor& x, const PackedMatrix& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous float32 [rows, in_features] tensor");
   TORCH_CHECK(x.size(1) == w.k, "x has ", x.size(1), " features, the weights take ", w.k);
   const int64_t rows = x.size(0), n = w.n;
   auto y = torch::empty({rows, n}, x.options());
   float* yp = y.data_ptr<float>();
-  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), rows, w.k);
-  const int64_t tiles = (n + kTileN - 1) / kTileN;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    if (w.q4 != nullptr) {
-      rows_times_tiles<true>(xq, w, yp, rows, begin, end);
-    } else {
-      rows_times_tiles<false>(xq, w, yp, rows, begin, end);
+  const QuantizedRows xq = quantize_rows<Q4>(x.data_ptr<float>(), rows, w.k, w.groups);
+  at::parallel_for(0, w.tiles(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < rows; m0 += kChunkM) {
+      const int64_t m1 = std::min(rows, m0 + kChunkM);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t cols = std::min(kTileN, n - t * kTileN);
+        float* out = yp + t * kTileN;
+        int64_t r = m0;
+        for (; r + 2 <= m1; r += 2) tile_dots<2, Q4>(xq, r, w, t, cols, out + r * n, n);
+        if (r < m1) tile_dots<1, Q4>(xq, r, w, t, cols, out + r * n, n);
+      }
     }
   });
   if (bias.has_value()) y.add_(bias.value());
   return y;
 }
 
-void check_blocks(const torch::Tensor& scales, int64_t n, int64_t k) {
-  TORCH_CHECK(k % kGroup == 0, "in_features must be a multiple of 32, got ", k);
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == n && scales.size(1) == k / kGroup,
-              "scales must be contiguous float32 [out_features, in_features / 32]");
-}
-
-BlockMatrix q4_matrix(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins) {
-  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.is_contiguous() && q.dim() == 2,
-              "q4 weights must be contiguous uint8 [out_features, in_features / 2]");
-  const int64_t n = q.size(0), k = q.size(1) * 2;
-  check_blocks(scales, n, k);
-  TORCH_CHECK(mins.sizes() == scales.sizes() && mins.scalar_type() == torch::kFloat32 && mins.is_contiguous(),
-              "mins must be like scales");
-  BlockMatrix w;
-  w.q4 = q.data_ptr<uint8_t>();
-  w.scales = scales.data_ptr<float>();
-  w.mins = mins.data_ptr<float>();
-  w.n = n;
-  w.k = k;
+PackedMatrix packed_matrix(bool q4, const torch::Tensor& q, const torch::Tensor& scales,
+                           const c10::optional<torch::Tensor>& mins, int64_t n, int64_t k) {
+  TORCH_CHECK(k > 0 && k % kGroup == 0, "in_features must be a positive multiple of 32, got ", k);
+  const int64_t groups = (k / kGroup + 1) / 2 * 2, tiles = (n + kTileN - 1) / kTileN;
+  const int64_t bytes = groups * kTileN * (q4 ? kGroup / 2 : kGroup);
+  TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.is_contiguous() && q.dim() == 2 && q.size(0) == tiles &&
+                  q.size(1) == bytes,
+              "packed weights must be contiguous uint8 [", tiles, ", ", bytes, "] (block_quant.PackedBlocks)");
+  auto check_lanes = [&](const torch::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == torch::kHalf && t.is_contiguous() && t.dim() == 2 && t.size(0) == tiles &&
+                    t.size(1) == groups * 4,
+                "packed ", name, " must be contiguous float16 [", tiles, ", ", groups * 4, "]");
+  };
+  check_lanes(scales, "scales");
+  PackedMatrix w{q4, q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                 nullptr, n, k, groups};
+  if (q4) {
+    TORCH_CHECK(mins.has_value(), "Q4_1 weights need their minimums");
+    check_lanes(mins.value(), "mins");
+    w.mins = reinterpret_cast<const uint16_t*>(mins.value().data_ptr<at::Half>());
+  }
   return w;
 }
 
-BlockMatrix q8_matrix(const torch::Tensor& q, const torch::Tensor& scales) {
-  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.dim() == 2,
-              "q8 weights must be contiguous int8 [out_features, in_features]");
-  const int64_t n = q.size(0), k = q.size(1);
-  check_blocks(scales, n, k);
-  BlockMatrix w;
-  w.q8 = q.data_ptr<int8_t>();
-  w.scales = scales.data_ptr<float>();
-  w.n = n;
-  w.k = k;
-  return w;
-}
-
-torch::Tensor gather_rows(const BlockMatrix& w, const torch::Tensor& ids) {
+torch::Tensor gather_rows(const PackedMatrix& w, const torch::Tensor& ids) {
   TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "ids must be a 1-d int64 tensor");
   auto idx = ids.contiguous();
   const int64_t count = idx.size(0);
@@ -293,24 +298,26 @@ torch::Tensor gather_rows(const BlockMatrix& w, const torch::Tensor& ids) {
 
 }  // namespace
 
-// q4_linear(x [M, K], q [N, K/2] uint8, scales [N, K/32], mins [N, K/32], bias [N]?) -> [M, N]
+// q4_linear(x [M, K], q, scales, mins (block_quant.PackedBlocks), N, K, bias [N]?) -> [M, N]
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
-                        const torch::Tensor& mins, const c10::optional<torch::Tensor>& bias) {
-  return block_linear(x, q4_matrix(q, scales, mins), bias);
-}
-
-// q8_linear(x [M, K], q [N, K] int8, scales [N, K/32], bias [N]?) -> [M, N]
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                        const torch::Tensor& mins, int64_t out_features, int64_t in_features,
                         const c10::optional<torch::Tensor>& bias) {
-  return block_linear(x, q8_matrix(q, scales), bias);
+  return packed_linear<true>(x, packed_matrix(true, q, scales, mins, out_features, in_features), bias);
 }
 
-// The float32 rows `ids` of a block-quantized matrix (an embedding lookup).
+// q8_linear(x [M, K], q, scales (block_quant.PackedBlocks), N, K, bias [N]?) -> [M, N]
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                        int64_t out_features, int64_t in_features, const c10::optional<torch::Tensor>& bias) {
+  return packed_linear<false>(x, packed_matrix(false, q, scales, c10::nullopt, out_features, in_features), bias);
+}
+
+// The float32 rows `ids` of a packed block matrix [N, K] (an embedding lookup).
 torch::Tensor q4_rows(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins,
-                      const torch::Tensor& ids) {
-  return gather_rows(q4_matrix(q, scales, mins), ids);
+                      int64_t out_features, int64_t in_features, const torch::Tensor& ids) {
+  return gather_rows(packed_matrix(true, q, scales, mins, out_features, in_features), ids);
 }
 
-torch::Tensor q8_rows(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& ids) {
-  return gather_rows(q8_matrix(q, scales), ids);
+torch::Tensor q8_rows(const torch::Tensor& q, const torch::Tensor& scales, int64_t out_features, int64_t in_features,
+                      const torch::Tensor& ids) {
+  return gather_rows(packed_matrix(false, q, scales, c10::nullopt, out_features, in_features), ids);
 }

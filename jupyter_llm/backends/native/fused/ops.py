@@ -6,7 +6,7 @@ into a folder of our build cache (beside the llama.cpp wheels; `JUPYTER_LLM_BUIL
 it) keyed by the source, torch's version and the instruction
 sets it is built for: the set-up builds it ahead (`python -m jupyter_llm.backends.native.fused.ops`),
 a later load imports the built module in milliseconds. The flags name an instruction set that
-both kinds of machines share (AVX2 + FMA) when the CPU has it, never -march=native, so a build
+both kinds of machines share (AVX2 + FMA + F16C) when the CPU has it, never -march=native, so a build
 runs on the next CPU of its level. Without a compiler the engine keeps its eager path and
 `unavailable_reason()` says why.
 """
@@ -26,12 +26,12 @@ DISABLE_ENV = "JUPYTER_LLM_FUSED_OPS"  # "0" turns the fused ops off (the eager 
 
 
 def build_flags() -> list[str]:
-    """-O3 and OpenMP (torch's parallel_for), plus AVX2/FMA when this CPU has them."""
+    """-O3 and OpenMP (torch's parallel_for), plus AVX2/FMA/F16C when this CPU has them."""
     from jupyter_llm.cpu import cpu_info
 
     flags = ["-O3", "-fopenmp"]
-    if cpu_info().has("avx2", "fma"):
-        flags += ["-mavx2", "-mfma"]
+    if cpu_info().has("avx2", "fma", "f16c"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
 
 
