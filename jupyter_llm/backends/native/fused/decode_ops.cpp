@@ -12,6 +12,10 @@
 #include <cmath>
 #include <vector>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 namespace {
 
 void check_f32(const torch::Tensor& t, const char* name) {
@@ -26,15 +30,100 @@ inline void rms_row(const float* x, const float* w, float* out, int64_t n, float
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
 }
 
-// q . k in eight interleaved partial sums (the compiler vectorizes them; one fixed order).
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for -87 <= x <= 0 (softmax scores less their maximum; lower ones are clamped there, where
+// exp is below 2^-125): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6
+// (relative error below 2e-7), times 2^n built in the exponent bits.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts (Cody-Waite)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.f / 720.f);
+  for (const float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// q . k: eight lanes of partial sums (two accumulators, so that the FMAs overlap), in one order.
 inline float dot(const float* q, const float* k, int64_t n) {
-  float part[8] = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) part[j] += q[i + j] * k[i + j];
-  float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  float sum = 0.f;
+#ifdef __AVX2__
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a);
+    b = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), b);
+  }
+  sum = hsum(_mm256_add_ps(a, b));
+#endif
   for (; i < n; ++i) sum += q[i] * k[i];
   return sum;
+}
+
+// s[p] = exp(s[p] - top) for p < n; returns their sum (eight lanes, then the tail, in one order).
+inline float exp_shifted(float* s, int64_t n, float top) {
+  int64_t p = 0;
+  float sum = 0.f;
+#ifdef __AVX2__
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 total = _mm256_setzero_ps();
+  for (; p + 8 <= n; p += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + p), shift));
+    _mm256_storeu_ps(s + p, e);
+    total = _mm256_add_ps(total, e);
+  }
+  sum = hsum(total);
+#endif
+  for (; p < n; ++p) {
+    s[p] = std::exp(s[p] - top);
+    sum += s[p];
+  }
+  return sum;
+}
+
+// out[i] = scale * sum_p w[p] * v_p[i] over the rows `values(p)`, p < n, each element summed in
+// order of p; 32 elements at a time in registers (then 8, then one).
+template <typename Rows>
+inline void weighted_sum(const float* w, int64_t n, Rows values, int64_t dim, float scale, float* out) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  for (; i + 32 <= dim; i += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t p = 0; p < n; ++p) {
+      const __m256 wp = _mm256_set1_ps(w[p]);
+      const float* v = values(p) + i;
+      a0 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(v), a0);
+      a1 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(v + 8), a1);
+      a2 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(v + 16), a2);
+      a3 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(v + 24), a3);
+    }
+    const __m256 f = _mm256_set1_ps(scale);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(a0, f));
+    _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(a1, f));
+    _mm256_storeu_ps(out + i + 16, _mm256_mul_ps(a2, f));
+    _mm256_storeu_ps(out + i + 24, _mm256_mul_ps(a3, f));
+  }
+  for (; i + 8 <= dim; i += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t p = 0; p < n; ++p) a = _mm256_fmadd_ps(_mm256_set1_ps(w[p]), _mm256_loadu_ps(values(p) + i), a);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(a, _mm256_set1_ps(scale)));
+  }
+#endif
+  for (; i < dim; ++i) {
+    float a = 0.f;
+    for (int64_t p = 0; p < n; ++p) a += w[p] * values(p)[i];
+    out[i] = a * scale;
+  }
 }
 
 }  // namespace
@@ -157,54 +246,37 @@ torch::Tensor token_attention(const torch::Tensor& qkv, const torch::Tensor& cos
     }
   });
 
-  // Pass 2: attention, one (row, kv head) per task, its query heads together.
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * dim), scores, acc(group * dim), total(group);
+  // Pass 2: attention, one (row, query head) per task; the keys and values of a row's sequence
+  // block by block (a block's slots are contiguous in the pool).
+  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(dim), scores;
+    std::vector<const float*> value_rows;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task / kv_heads, h = task % kv_heads;
-      const float* row = qkv_p + t * row_width;
+      const int64_t t = task / heads, head = task % heads, h = head / group;
+      const float* src = qkv_p + t * row_width + head * dim;
       const float* c = cos_p + pos_p[t] * half;
       const float* s = sin_p + pos_p[t] * half;
-      for (int64_t g = 0; g < group; ++g) {  // the group's query heads, rotated and pre-scaled
-        const float* src = row + (h * group + g) * dim;
-        float* dst = q.data() + g * dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x0 = src[2 * i], x1 = src[2 * i + 1];
-          dst[2 * i] = (x0 * c[i] - x1 * s[i]) * fscale;
-          dst[2 * i + 1] = (x1 * c[i] + x0 * s[i]) * fscale;
-        }
+      for (int64_t i = 0; i < half; ++i) {  // the query, rotated and pre-scaled
+        const float x0 = src[2 * i], x1 = src[2 * i + 1];
+        q[2 * i] = (x0 * c[i] - x1 * s[i]) * fscale;
+        q[2 * i + 1] = (x1 * c[i] + x0 * s[i]) * fscale;
       }
       const int64_t ctx = pos_p[t] + 1;
       const int64_t* table = table_p + seq_p[t] * width;
-      scores.resize(group * ctx);
-      for (int64_t p = 0; p < ctx; ++p) {
-        const float* key = k_p + h * head_stride + (table[p / block_size] * block_size + p % block_size) * dim;
-        for (int64_t g = 0; g < group; ++g) scores[g * ctx + p] = dot(q.data() + g * dim, key, dim);
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * ctx;
-        const float top = *std::max_element(sg, sg + ctx);
-        float sum = 0.f;
-        for (int64_t p = 0; p < ctx; ++p) {
-          sg[p] = std::exp(sg[p] - top);
-          sum += sg[p];
-        }
-        total[g] = sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = 0; p < ctx; ++p) {
-        const float* value = v_p + h * head_stride + (table[p / block_size] * block_size + p % block_size) * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float w = scores[g * ctx + p];
-          float* a = acc.data() + g * dim;
-          for (int64_t i = 0; i < dim; ++i) a[i] += w * value[i];
+      const float* keys = k_p + h * head_stride;
+      const float* values = v_p + h * head_stride;
+      scores.resize(ctx);
+      value_rows.resize(ctx);
+      for (int64_t b0 = 0; b0 < ctx; b0 += block_size) {
+        const int64_t first = table[b0 / block_size] * block_size * dim;
+        for (int64_t p = b0, at = first; p < std::min(ctx, b0 + block_size); ++p, at += dim) {
+          scores[p] = dot(q.data(), keys + at, dim);
+          value_rows[p] = values + at;
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* o = out_p + t * heads * dim + (h * group + g) * dim;
-        const float inv = 1.f / total[g];
-        for (int64_t i = 0; i < dim; ++i) o[i] = acc[g * dim + i] * inv;
-      }
+      const float total = exp_shifted(scores.data(), ctx, *std::max_element(scores.begin(), scores.end()));
+      weighted_sum(scores.data(), ctx, [&](int64_t p) { return value_rows[p]; }, dim, 1.f / total,
+                   out_p + t * heads * dim + head * dim);
     }
   });
   return out;
