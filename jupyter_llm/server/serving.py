@@ -216,9 +216,6 @@ class Generation:
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                            code="invalid_value")
-        if len(requests) > self.settings.max_queue:
-            raise APIError(400, f"{len(requests)} prompts in one request; this server admits at most "
-                                f"{self.settings.max_queue} at once", param="prompt", code="invalid_value")
         try:
             prepared = [backend.prepare(r) for r in requests]
         except ParamError as error:
@@ -303,7 +300,7 @@ class Generation:
             closed = True
             await stream.aclose()
             self.inflight.difference_update(r.id for r in job.requests)
-            if admitted:  # a request the queue refused is counted once, as its 503
+            if admitted:  # a request that admission refused is counted once, as its error
                 tracker.finished(builder.completions(), job.usage(builder.completions())["prompt_tokens"])
                 if outcome is not None:
                     self.metrics.error(outcome)
@@ -321,7 +318,8 @@ class Generation:
             return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
         except BaseException as error:
             failure = backend_failure(error) if isinstance(error, Exception) else None
-            await close(failure.code if failure else "cancelled", admitted=not isinstance(error, QueueFullError))
+            refused = isinstance(error, (QueueFullError, ParamError))  # by admission: counted once, as its error
+            await close(failure.code if failure else "cancelled", admitted=not refused)
             if failure is None:
                 raise
             raise failure from None

@@ -77,6 +77,27 @@ def test_admission_queue_is_bounded(tiny_llama):
         m.shutdown()
 
 
+def test_admission_counts_samples_not_requests(manager, tiny_hf):
+    long = SamplingParams(max_tokens=2000, ignore_eos=True, temperature=0, n=3)
+    stream = manager.stream(["a"], long, backend=tiny_hf)
+    try:
+        next(stream)
+        assert manager.inflight() == 3
+
+        async def one_more(n, limit=4):
+            async for _ in manager.astream(build_requests("b", SamplingParams(max_tokens=1, n=n)), tiny_hf, limit):
+                pass
+
+        with pytest.raises(QueueFullError, match="busy: 3 samples in flight and 2 asked for, the limit is 4"):
+            asyncio.run(one_more(2))
+        with pytest.raises(ParamError, match="5 samples in one call; at most 4 are admitted at once"):
+            asyncio.run(one_more(5))  # never admissible: not a "retry later"
+        asyncio.run(one_more(1))
+    finally:
+        stream.cancel()
+    assert manager.inflight() == 0
+
+
 def test_a_request_is_checked_and_tokenized_once(manager, tiny_hf, monkeypatch):
     backend = manager.get(tiny_hf)
     calls = {"check": 0, "tokenize": 0}
@@ -119,7 +140,7 @@ def test_a_caller_bound_on_requests_in_flight(manager, tiny_hf):
             async for _ in manager.astream(build_requests("b", SamplingParams(max_tokens=1)), tiny_hf, limit):
                 pass
 
-        with pytest.raises(QueueFullError, match="busy: 1 requests in flight, the limit is 1"):
+        with pytest.raises(QueueFullError, match="busy: 1 samples in flight and 1 asked for, the limit is 1"):
             asyncio.run(one_more(1))
         asyncio.run(one_more(None))  # the manager's own bound (256) admits it
     finally:
