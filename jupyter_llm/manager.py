@@ -168,7 +168,8 @@ class EngineManager:
         limit = self.max_queue if max_queue is None else max_queue
         samples = sum(request.params.n for request in requests)
         if samples > limit:  # would never be admitted: the caller's to mend, not to retry
-            raise ParamError(f"n: {samples} samples in one call; at most {limit} are admitted at once")
+            raise ParamError(f"n and the prompts ask for {samples} samples in one call; at most {limit} are "
+                             "admitted at once")
         with self._lock:
             if self.inflight() + samples > limit:
                 raise QueueFullError(f"busy: {self.inflight()} samples in flight and {samples} asked for, "
