@@ -117,3 +117,20 @@ def test_a_request_whose_total_work_is_too_large_is_refused(native):
         first = next(line for line in response.iter_lines() if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["logprobs"]["top_logprobs"]
     assert wait_until(lambda: settled(native, before), timeout=10), metrics(native)
+
+
+def test_the_hf_backend_refuses_what_its_memory_cannot_hold(tiny_llama):
+    # 64 KiB of KV cache: 128 tokens of the tiny Llama's 512 bytes
+    args = ["--backend", "hf", "--model", str(tiny_llama), "--name", "tiny", "--port", "0", "--threads", "1",
+            "--backend-option", "kv_cache_memory=64KiB"]
+    with cli_server(args) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        before = metrics(client)
+        too_wide = {"prompt": ["Once upon a time"] * 4, "n": 4, "max_tokens": 60}
+        error = assert_openai_error(client.post("/v1/completions", json=too_wide), 400, param="max_tokens")
+        assert "MiB of KV cache" in error["message"] and "(--kv-cache-memory)" in error["message"]
+        assert_serves_meanwhile(client)
+        # several that fit alone but not together run in turn, within the budget
+        fits = client.post("/v1/completions", json={"prompt": ["Hi"] * 3, "max_tokens": 50, "ignore_eos": True})
+        assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == 150
+        assert wait_until(lambda: metrics(client)["running"] == 0 == metrics(client)["waiting"], timeout=10)
+        assert before["running"] == 0 and client.get("/health").json()["status"] == "ok"
