@@ -38,20 +38,25 @@ def build_requests(prompts: Prompt | Sequence[Prompt], params: SamplingParams | 
 
 
 class CompletionBuilder:
-    """Folds the events of several requests into Completions, timing them where they arrive."""
+    """Folds the events of several requests into Completions, timing them where they arrive.
 
-    def __init__(self, requests: list[GenerationRequest], backend: str, model: str):
+    With `keep_output=False` it keeps counts only (tokens, finish reasons, errors, time to first
+    token): for a consumer that passes the output on as it arrives, so that a long answer costs
+    it nothing per token."""
+
+    def __init__(self, requests: list[GenerationRequest], backend: str, model: str, keep_output: bool = True):
         self.started = time.monotonic()
+        self.keep_output = keep_output
         self._slots: dict[tuple[str, int], Completion] = {}
         self._order: list[tuple[str, int]] = []
         for prompt_index, request in enumerate(requests):
+            keeps_logprobs = keep_output and request.params.logprobs is not None
             for index in range(request.params.n):
                 key = (request.id, index)
                 self._order.append(key)
                 self._slots[key] = Completion(text="", token_ids=[], prompt_tokens=0, finish_reason="",
                                               prompt_index=prompt_index, index=index, request_id=request.id,
-                                              backend=backend, model=model,
-                                              logprobs=[] if request.params.logprobs is not None else None)
+                                              backend=backend, model=model, logprobs=[] if keeps_logprobs else None)
 
     def add(self, event: TokenEvent) -> None:
         c = self._slots[(event.request_id, event.index)]
@@ -59,11 +64,14 @@ class CompletionBuilder:
         if event.token_ids:
             if c.timings.ttft is None:
                 c.timings.ttft = now
-            c.timings.token_times.extend([now] * len(event.token_ids))
-            c.token_ids.extend(event.token_ids)
-        c.text += event.text
-        if event.logprobs and c.logprobs is not None:
-            c.logprobs.extend(event.logprobs)
+            c.completion_tokens += len(event.token_ids)
+            if self.keep_output:
+                c.timings.token_times.extend([now] * len(event.token_ids))
+                c.token_ids.extend(event.token_ids)
+        if self.keep_output:
+            c.text += event.text
+            if event.logprobs and c.logprobs is not None:
+                c.logprobs.extend(event.logprobs)
         if event.finish_reason is not None:
             c.finish_reason = event.finish_reason
             c.error = event.error

@@ -1,5 +1,5 @@
 """EngineManager: one per kernel. It owns an asyncio loop in a daemon thread, keeps
-backends loaded under names, admits requests (the one bound on requests in flight, which the
+backends loaded under names, admits requests (the one bound on samples in flight, which the
 server's --max-queue sets for its own requests), streams their events, folds them into
 Completions (completions.py), and cancels from any thread.
 
@@ -19,7 +19,8 @@ from typing import Any
 
 from jupyter_llm.backends import Backend, backend_availability, backend_class
 from jupyter_llm.completions import CompletionBuilder, Prompt, build_requests
-from jupyter_llm.errors import BackendError, NoBackendError, QueueFullError
+from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError
+from jupyter_llm.event_mailbox import EventMailbox
 from jupyter_llm.event_stream import EventStream
 from jupyter_llm.schema import Completion, GenerationRequest, SamplingParams, TokenEvent
 
@@ -52,7 +53,8 @@ class EngineManager:
         self.max_queue = max_queue
         self._backends: dict[str, Backend] = {}
         self._default: str | None = None
-        self._inflight: dict[str, tuple[str, asyncio.Task]] = {}  # request id -> (backend name, task)
+        # request id -> (backend name, its samples, its task); admission counts samples
+        self._inflight: dict[str, tuple[str, int, asyncio.Task]] = {}
         self._lock = threading.RLock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="jupyter-llm-manager", daemon=True)
@@ -155,7 +157,7 @@ class EngineManager:
         """Events of several requests merged as they arrive (each tagged with its prompt index).
         Callable from any event loop; the work runs on the manager's loop. Each request is
         prepared by the backend once (one the backend prepared already is not checked again);
-        `max_queue` bounds the requests in flight for this caller (default: the manager's)."""
+        `max_queue` bounds the samples in flight for this caller (default: the manager's)."""
         if asyncio.get_running_loop() is not self._loop:
             async for event in self._bridge(requests, backend, max_queue):
                 yield event
@@ -164,11 +166,15 @@ class EngineManager:
         target = self._backends[name]
         requests = [target.prepare(request) for request in requests]
         limit = self.max_queue if max_queue is None else max_queue
+        samples = sum(request.params.n for request in requests)
+        if samples > limit:  # would never be admitted: the caller's to mend, not to retry
+            raise ParamError(f"n and the prompts ask for {samples} samples in one call; at most {limit} are "
+                             "admitted at once")
         with self._lock:
-            if len(self._inflight) + len(requests) > limit:
-                raise QueueFullError(f"busy: {len(self._inflight)} requests in flight, the limit is {limit}; "
-                                     "retry later")
-        merged: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+            if self.inflight() + samples > limit:
+                raise QueueFullError(f"busy: {self.inflight()} samples in flight and {samples} asked for, "
+                                     f"the limit is {limit}; retry later")
+        merged = EventMailbox(producers=len(requests))  # folds a sample's events while the caller lags
 
         async def pump(prompt_index: int, request: GenerationRequest) -> None:
             unfinished = set(range(request.params.n))
@@ -177,17 +183,16 @@ class EngineManager:
                     event.prompt_index = prompt_index
                     if event.finish_reason is not None:
                         unfinished.discard(event.index)
-                    await merged.put(event)
+                    merged.put(event)
             except asyncio.CancelledError:  # cancel(request_id): end its samples as cancelled
                 for index in sorted(unfinished):
-                    await merged.put(TokenEvent(request.id, index, finish_reason="cancelled",
-                                                prompt_index=prompt_index))
-            except Exception as error:  # noqa: BLE001 (the error reaches the caller through the merged stream)
-                await merged.put(error)
+                    merged.put(TokenEvent(request.id, index, finish_reason="cancelled", prompt_index=prompt_index))
+            except Exception as error:  # noqa: BLE001 (the error reaches the caller through the mailbox)
+                merged.fail(error)
             finally:
                 with self._lock:
                     self._inflight.pop(request.id, None)
-                await merged.put(None)
+                merged.close()
 
         tasks = []
         try:  # from the first pump on: a caller cancelled in any await below cancels every pump
@@ -195,18 +200,11 @@ class EngineManager:
                 with self._lock:
                     for i, request in enumerate(requests):
                         task = asyncio.ensure_future(pump(i, request))
-                        self._inflight[request.id] = (name, task)
+                        self._inflight[request.id] = (name, request.params.n, task)
                         tasks.append(task)
                 await asyncio.sleep(0)  # each pump runs up to its first wait: every request is submitted
-            remaining = len(tasks)
-            while remaining:
-                item = await merged.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
+            while (event := await merged.get()) is not None:
+                yield event
         finally:
             for task in tasks:
                 task.cancel()
@@ -216,27 +214,21 @@ class EngineManager:
                       max_queue: int | None) -> AsyncIterator[TokenEvent]:
         """astream for a caller on another loop: run on the manager's loop, hand events over."""
         caller = asyncio.get_running_loop()
-        handoff: asyncio.Queue[Any] = asyncio.Queue()
-        done = object()
+        handoff = EventMailbox()  # on the caller's loop: what the caller has not taken yet, folded
 
         async def run() -> None:
             try:
                 async for event in self.astream(requests, backend, max_queue):
-                    caller.call_soon_threadsafe(handoff.put_nowait, event)
+                    caller.call_soon_threadsafe(handoff.put, event)
             except BaseException as error:  # noqa: BLE001 (handed to the caller's loop, which raises it)
-                caller.call_soon_threadsafe(handoff.put_nowait, error)
+                caller.call_soon_threadsafe(handoff.fail, error)
             finally:
-                caller.call_soon_threadsafe(handoff.put_nowait, done)
+                caller.call_soon_threadsafe(handoff.close)
 
         future = self.submit(run())
         try:
-            while True:
-                item = await handoff.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            while (event := await handoff.get()) is not None:
+                yield event
         finally:
             future.cancel()
 
@@ -267,13 +259,15 @@ class EngineManager:
     def cancel(self, request_id: str | None = None) -> int:
         """Cancel one request (or every request when None), from any thread. Returns how many."""
         with self._lock:
-            targets = [task for rid, (_, task) in self._inflight.items() if request_id in (None, rid)]
+            targets = [task for rid, (_, _, task) in self._inflight.items() if request_id in (None, rid)]
         for task in targets:
             self._loop.call_soon_threadsafe(task.cancel)
         return len(targets)
 
     def inflight(self) -> int:
-        return len(self._inflight)
+        """Samples in flight (a request of n samples counts n)."""
+        with self._lock:
+            return sum(samples for _, samples, _ in self._inflight.values())
 
     # --- shutdown -----------------------------------------------------------------------
     def shutdown(self, timeout: float = 5.0) -> None:

@@ -242,10 +242,13 @@ class Completion:
     model: str = ""
     error: str | None = None
     stop_reason: str | None = None
+    # Tokens generated: the number of token_ids unless given. A consumer that keeps only counts (a
+    # streamed HTTP answer, whose client has the output) counts here and keeps no ids, text or logprobs.
+    completion_tokens: int | None = None
 
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
+    def __post_init__(self) -> None:
+        if self.completion_tokens is None:
+            self.completion_tokens = len(self.token_ids)
 
     @property
     def usage(self) -> dict[str, int]:

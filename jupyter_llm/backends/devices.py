@@ -1,10 +1,13 @@
 """Where a model runs and in what precision: device and dtype names checked and resolved; the
-heap memory a load freed handed back to the OS."""
+heap memory a load freed handed back to the OS; the memory still available on a device."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -41,3 +44,19 @@ def release_free_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (musl...)
             pass
+
+
+def available_memory(device: str) -> int:
+    """Bytes that can still be allocated on `device`: the GPU's free memory, or on the CPU what the
+    OS could hand out (MemAvailable), within the container's limit where one is set (cgroup v2)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/meminfo") as meminfo:
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    return max(0, available)

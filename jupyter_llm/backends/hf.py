@@ -5,6 +5,10 @@ frequency penalties in a batch).
 Batching is static: the waiting requests start together as one left-padded batch;
 requests that arrive while a batch runs wait for the next batch. Finished rows are
 dropped from the KV cache at the next step so they cost nothing.
+
+The KV cache is bounded (`KVBudget`): a request whose own cache could not fit is refused when it
+is prepared, and a batch takes only the waiting sequences whose caches fit together, so that a few
+long prompts with a large n are an error, not a process the OS kills.
 """
 from __future__ import annotations
 
@@ -14,17 +18,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from jupyter_llm.backends.base import Capabilities
-from jupyter_llm.backends.devices import resolve_device, torch_dtype
+from jupyter_llm.backends.devices import available_memory, resolve_device, torch_dtype
 from jupyter_llm.backends.inprocess import InProcessBackend, LogprobEntry, StepEngine
-from jupyter_llm.backends.options import BackendOptions
+from jupyter_llm.backends.options import BackendOptions, parse_memory
 from jupyter_llm.backends.sequence import EngineSequence
+from jupyter_llm.errors import ParamError
 from jupyter_llm.model_files import ensure_hf_folder, resolve_model
 from jupyter_llm.progress import steps
 from jupyter_llm.sampling import Sampler
+from jupyter_llm.schema import GenerationRequest, PreparedRequest
 from jupyter_llm.tokenizers import load_tokenizer
+
+KV_SHARE = 0.8  # of the memory available: the rest for activations, logits and everything else
 
 
 @dataclass
@@ -33,14 +41,57 @@ class HFOptions(BackendOptions):
     dtype: str = "float32"
     max_num_seqs: int = 32  # rows in one batch
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # Most bytes of KV cache a batch holds: bytes or "1GiB" (default: a share of the memory available)
+    kv_cache_memory: int | str | None = None
+
+
+def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """The K and V of one token in every layer, from an HF config (GPT-2's names map onto these)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+
+
+@dataclass
+class KVBudget:
+    """The tokens of KV cache the hf engine may hold: --kv-cache-memory, else a share of the memory
+    available now plus what the running batch holds (freed when that batch ends)."""
+
+    bytes_per_token: int
+    device: str
+    fixed_bytes: int | None = None
+    held_tokens: int = 0  # the running batch's bound, kept by the compute thread
+
+    def tokens(self) -> int:
+        if self.fixed_bytes is not None:
+            return self.fixed_bytes // self.bytes_per_token
+        return int(available_memory(self.device) * KV_SHARE) // self.bytes_per_token + self.held_tokens
+
+    def refusal(self, tokens: int) -> str | None:
+        """Why `tokens` tokens of cache cannot fit, or None."""
+        budget = self.tokens()
+        if tokens <= budget:
+            return None
+        source = "--kv-cache-memory" if self.fixed_bytes is not None else \
+            f"{KV_SHARE:.0%} of the memory available on {self.device}"
+        return (f"{_mib(tokens * self.bytes_per_token)} MiB of KV cache ({tokens} tokens of "
+                f"{self.bytes_per_token} bytes), more than the {_mib(budget * self.bytes_per_token)} MiB "
+                f"this backend may use ({source})")
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):,.1f}"
 
 
 class HFStepEngine(StepEngine):
-    """Static batches over an HF model with a DynamicCache."""
+    """Static batches over an HF model with a DynamicCache, within a KV budget."""
 
-    def __init__(self, model: PreTrainedModel, max_num_seqs: int):
+    def __init__(self, model: PreTrainedModel, max_num_seqs: int, kv: KVBudget, max_model_len: int):
         self.model = model
         self.max_num_seqs = max_num_seqs
+        self.kv = kv
+        self.max_model_len = max_model_len
         self.sampler = Sampler()
         self.waiting: deque[EngineSequence] = deque()
         self.rows: list[EngineSequence] = []  # the running batch, one sequence per cache row
@@ -51,6 +102,8 @@ class HFStepEngine(StepEngine):
         # transformers 5.x renamed `past_key_values` to `cache`; older versions know only the first.
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        # a prefill's logits for the last position only: all of them are rows x width x vocab floats
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
     def add(self, seq: EngineSequence) -> None:
         self.waiting.append(seq)
@@ -83,7 +136,7 @@ class HFStepEngine(StepEngine):
         keep = [i for i, s in enumerate(self.rows) if s.seq_id not in self.removed]
         self.removed.clear()
         if not keep:
-            self.rows, self.cache = [], None
+            self.rows, self.cache, self.kv.held_tokens = [], None, 0
             return
         if len(keep) < len(self.rows):
             index = torch.tensor(keep, device=self.attention_mask.device)
@@ -92,8 +145,21 @@ class HFStepEngine(StepEngine):
             self.positions = self.positions[index]
             self.rows = [self.rows[i] for i in keep]
 
+    def final_length(self, seq: EngineSequence) -> int:
+        return min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
+
+    def batch_tokens(self, rows: list[EngineSequence]) -> int:
+        """The most KV tokens a batch of these rows holds: left-padded to the longest prompt, each
+        row grows until the longest-running one ends."""
+        width = max(seq.num_prompt_tokens for seq in rows)
+        return len(rows) * (width + max(self.final_length(seq) - seq.num_prompt_tokens for seq in rows))
+
     def _prefill(self) -> torch.Tensor:
-        self.rows = [self.waiting.popleft() for _ in range(min(self.max_num_seqs, len(self.waiting)))]
+        budget = self.kv.tokens()
+        rows = [self.waiting.popleft()]  # one alone always fits: prepare refused the rest
+        while self.waiting and len(rows) < self.max_num_seqs and self.batch_tokens([*rows, self.waiting[0]]) <= budget:
+            rows.append(self.waiting.popleft())
+        self.rows, self.kv.held_tokens = rows, self.batch_tokens(rows)
         device = self.model.device
         width = max(len(s.token_ids) for s in self.rows)
         ids = torch.zeros(len(self.rows), width, dtype=torch.long)
@@ -106,7 +172,7 @@ class HFStepEngine(StepEngine):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.cache_argument: self.cache})
+                         **{self.cache_argument: self.cache}, **self.last_logits)
         self.attention_mask, self.positions = mask, positions[:, -1:]
         return out.logits[:, -1, :]
 
@@ -141,4 +207,17 @@ class HFBackend(InProcessBackend):
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self._max_model_len = min(options.max_model_len or limit, limit)
         self.hf_model = model
-        self.engine = HFStepEngine(model, options.max_num_seqs)
+        fixed = None if options.kv_cache_memory is None else parse_memory(options.kv_cache_memory)
+        self.kv = KVBudget(kv_bytes_per_token(model.config, dtype), self.device, fixed)
+        self.engine = HFStepEngine(model, options.max_num_seqs, self.kv, self._max_model_len)
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Also refuse a request whose own KV cache (n samples of its prompt + max_tokens) cannot fit."""
+        prepared = super().prepare(request)
+        if prepared is not request:
+            params = prepared.params
+            length = min(len(prepared.prompt_token_ids) + params.max_tokens, self._max_model_len)
+            reason = self.kv.refusal(params.n * length)
+            if reason:
+                raise ParamError(f"max_tokens x n: this request needs {reason}; lower max_tokens or n")
+        return prepared

@@ -3,7 +3,7 @@ that steps a `StepEngine` over `EngineSequence`s, the per-sample output processi
 bridge to asyncio.
 
 The compute thread owns the engine: requests and cancellations reach it through a
-locked inbox, and events go back to each request's asyncio queue with
+locked inbox, and events go back to each request's `EventMailbox` with
 `call_soon_threadsafe`, so the manager's loop never waits on a forward pass.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from jupyter_llm.backends.meter import TokenMeter
 from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.backends.tokenizer_api import TokenizerServices
 from jupyter_llm.errors import ParamError
+from jupyter_llm.event_mailbox import EventMailbox
 from jupyter_llm.output import SampleOutputProcessor
 from jupyter_llm.schema import GenerationRequest, PreparedRequest, TokenEvent
 from jupyter_llm.tokenizers import Tokenizer
@@ -127,11 +128,11 @@ class InProcessBackend(TokenizerServices, Backend):
         request = self.prepare(request)
         prompt_ids = request.prompt_token_ids
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        mailbox = EventMailbox()  # a consumer that lags gets its samples' events folded, not queued
 
         def sink(event: TokenEvent) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+                loop.call_soon_threadsafe(mailbox.put, event)
             except RuntimeError:  # the consumer's loop is gone
                 pass
 
@@ -143,7 +144,7 @@ class InProcessBackend(TokenizerServices, Backend):
         remaining = len(seqs)
         try:
             while remaining:
-                event = await queue.get()
+                event = await mailbox.get()
                 if event.finish_reason is not None:
                     remaining -= 1
                 yield event

@@ -1,9 +1,10 @@
 """Backend options: the dataclass each backend extends, and how command-line words become its
 values (`--key value`, `--key=value`, `--flag`, `--no-flag`), checked and coerced to the
-declared types with an error that lists what the backend accepts."""
+declared types with an error that lists what the backend accepts; the memory sizes options take."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -72,3 +73,23 @@ def options_from_args(args: list[str]) -> dict[str, Any]:
             options[key] = True
         i += 1
     return options
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+          "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+def parse_memory(value: float | str) -> int:
+    """Bytes from 1073741824, "1GiB", "512MiB", "1.5G" (K/M/G alone are binary units)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ParamError(f"--kv-cache-memory must be positive, got {value}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ParamError(f"--kv-cache-memory expects bytes or a size like 512MiB or 1GiB, got {value!r}")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ParamError(f"--kv-cache-memory must be positive, got {value!r}")
+    return size

@@ -3,16 +3,17 @@
 Everything that can be refused is refused before a byte of the answer goes out: the model,
 the sampling parameters, the context length (tokenized with the backend's tokenizer, once:
 the prompt ids travel down with the request), the backend's capabilities (checked once, by
-`Backend.prepare`), and admission (the manager's bound, which --max-queue sets). A stream
-starts once its first event arrived, so that even errors raised inside the backend get a
-proper status code. A client that goes
-away cancels its requests inside the backend (sse-starlette notices it while streaming;
-a watcher on `receive` notices it otherwise).
+`Backend.prepare`), the request's token budget (prompt + max_tokens x n, --max-request-tokens),
+and admission (the manager's bound on samples, which --max-queue sets). A stream starts once
+its first event arrived, so that even errors raised inside the backend get a proper status
+code. A client that goes away cancels its requests inside the backend (sse-starlette notices
+it while streaming; a watcher on `receive` notices it otherwise), and so does one that stops
+reading a stream for --stream-write-timeout seconds; what it has not taken meanwhile is folded
+into one pending event per sample (event_mailbox.py), and its builder keeps counts only.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -21,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive
 
 from jupyter_llm.backends.base import Backend
 from jupyter_llm.completions import CompletionBuilder
@@ -44,6 +44,7 @@ from jupyter_llm.server.protocol import (
 )
 from jupyter_llm.server.security import KeyChecker, cache_salt
 from jupyter_llm.server.settings import ServerSettings
+from jupyter_llm.server.sse import StreamResponse, sse
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,30 +123,6 @@ async def _disconnect(receive: Receive) -> None:
         pass
 
 
-def sse(payload: dict[str, Any] | str) -> bytes:
-    """One server-sent event, encoded here: the stream yields bytes ready to send."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return b"data: " + data.encode() + b"\n\n"
-
-
-class StreamResponse(EventSourceResponse):
-    """An SSE response that runs `on_close` however it ends: finished, failed, or cancelled
-    by a disconnect or a shutdown (the stream may never have been iterated).
-
-    On a shutdown signal sse-starlette would cut the stream at once; the grace period lets
-    it finish, or end with the error event that the server's shutdown cancellation sends."""
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Any, grace: float):
-        super().__init__(content, sep="\n", shutdown_grace_period=grace)
-        self.on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.on_close()
-
-
 class Generation:
     """The two generation endpoints of one app. Admission is the manager's, bounded by --max-queue."""
 
@@ -216,9 +193,6 @@ class Generation:
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                            code="invalid_value")
-        if len(requests) > self.settings.max_queue:
-            raise APIError(400, f"{len(requests)} prompts in one request; this server admits at most "
-                                f"{self.settings.max_queue} at once", param="prompt", code="invalid_value")
         try:
             prepared = [backend.prepare(r) for r in requests]
         except ParamError as error:
@@ -274,13 +248,23 @@ class Generation:
             raise APIError(400, f"This model's maximum context length is {context} tokens, and the {where} has "
                                 f"{longest} tokens. Please reduce the length of the {where}.",
                            param=where, code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = min(default or context - longest, context - longest, self.settings.max_tokens)
+        n, budget = body.n or 1, self.settings.max_request_tokens
+        if max_tokens is None:  # the default stays inside the request's token budget too
+            affordable = (budget - sum(lengths)) // (n * len(lengths))
+            max_tokens = max(1, min(default or context - longest, context - longest, self.settings.max_tokens,
+                                    affordable))
         elif longest + max_tokens > context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                 f"{longest + max_tokens} tokens ({longest} in the {where}, {max_tokens} in the "
                                 f"completion). Please reduce the length of the {where} or completion.",
                            param=limit_name, code="context_length_exceeded")
+        cost = sum(lengths) + max_tokens * n * len(lengths)
+        if cost > budget:
+            prompts = f" x {len(lengths)} prompts" if len(lengths) > 1 else ""
+            raise APIError(400, f"This request would cost {cost} tokens ({sum(lengths)} in the {where}, {max_tokens} "
+                                f"max_tokens x n {n}{prompts} in the completions); this server allows at most "
+                                f"{budget} tokens per request. Please lower max_tokens, n or the number of prompts.",
+                           param=limit_name if max_tokens > 1 else where, code="request_too_large")
         values: dict[str, Any] = {k: getattr(body, k) for k in _SAMPLING_NAMES if getattr(body, k) is not None}
         values.update(max_tokens=max_tokens, logprobs=logprobs)
         try:
@@ -292,7 +276,8 @@ class Generation:
     async def _run(self, job: Job, request: Request) -> Response:
         self.inflight.update(r.id for r in job.requests)
         tracker = self.metrics.tracker(job.name)
-        builder = CompletionBuilder(job.requests, job.backend.kind, job.backend.model_name)
+        # a stream passes its output on as it comes: its builder keeps counts, not the text
+        builder = CompletionBuilder(job.requests, job.backend.kind, job.backend.model_name, keep_output=not job.stream)
         stream = self.manager.astream(job.requests, job.name, max_queue=self.settings.max_queue)
         closed = False
 
@@ -303,7 +288,7 @@ class Generation:
             closed = True
             await stream.aclose()
             self.inflight.difference_update(r.id for r in job.requests)
-            if admitted:  # a request the queue refused is counted once, as its 503
+            if admitted:  # a request that admission refused is counted once, as its error
                 tracker.finished(builder.completions(), job.usage(builder.completions())["prompt_tokens"])
                 if outcome is not None:
                     self.metrics.error(outcome)
@@ -313,15 +298,18 @@ class Generation:
                 first = await until_disconnected(request.receive, stream.__anext__())
                 state: dict[str, str | None] = {"outcome": "client_disconnected"}
                 return StreamResponse(self._sse(job, first, stream, builder, tracker, state),
-                                      on_close=lambda: close(state["outcome"]),
-                                      grace=self.settings.shutdown_timeout + 2)
+                                      on_close=lambda timed_out: close("stream_write_timeout" if timed_out
+                                                                       else state["outcome"]),
+                                      grace=self.settings.shutdown_timeout + 2,
+                                      write_timeout=self.settings.stream_write_timeout)
             await until_disconnected(request.receive, self._collect(stream, builder, tracker))
         except ClientGone:
             await close("client_disconnected")
             return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
         except BaseException as error:
             failure = backend_failure(error) if isinstance(error, Exception) else None
-            await close(failure.code if failure else "cancelled", admitted=not isinstance(error, QueueFullError))
+            refused = isinstance(error, (QueueFullError, ParamError))  # by admission: counted once, as its error
+            await close(failure.code if failure else "cancelled", admitted=not refused)
             if failure is None:
                 raise
             raise failure from None

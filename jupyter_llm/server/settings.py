@@ -20,7 +20,7 @@ class ServerSettings:
     port: int = DEFAULT_PORT  # 0 picks a free port
     api_keys: tuple[str, ...] = ()  # none: no key needed
     rate_limit: float | None = None  # requests per second per key (or per client without keys)
-    max_queue: int = 256  # prompts in flight in this server; more get 503
+    max_queue: int = 256  # samples in flight in this server (a prompt with n counts n); more get 503
     cors_origins: tuple[str, ...] = ()
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed; none by default, so a client
     # cannot pick the address its rate-limit bucket is keyed on.
@@ -29,6 +29,11 @@ class ServerSettings:
     max_body_bytes: int = 1_000_000
     max_n: int = 16  # most samples per prompt
     max_tokens: int = 4096  # most tokens per sample (the model's context bounds it further)
+    # Most tokens one request may cost: its prompts' tokens plus max_tokens x n for each prompt.
+    max_request_tokens: int = 65536
+    # Seconds a streamed answer may wait for its client to take the next bytes; then the request
+    # is cancelled, freeing its KV blocks and admission slot (a client that stops reading).
+    stream_write_timeout: float = 30.0
     shutdown_timeout: float = 5.0  # seconds in-flight requests get to finish on stop, then cancelled
     log_level: str = "warning"
 
@@ -37,9 +42,12 @@ class ServerSettings:
             raise ParamError(f"--port must be in [0, 65535] (0 = a free port), got {self.port}")
         if self.rate_limit is not None and not (math.isfinite(self.rate_limit) and self.rate_limit > 0):
             raise ParamError(f"--rate-limit must be a positive number of requests per second, got {self.rate_limit}")
-        for name in ("max_queue", "max_body_bytes", "max_n", "max_tokens"):
+        for name in ("max_queue", "max_body_bytes", "max_n", "max_tokens", "max_request_tokens"):
             if getattr(self, name) < 1:
                 raise ParamError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.stream_write_timeout) and self.stream_write_timeout > 0):
+            raise ParamError(f"--stream-write-timeout must be a positive number of seconds, "
+                             f"got {self.stream_write_timeout}")
         if any(not key for key in self.api_keys):
             raise ParamError("an API key must not be empty")
 
@@ -90,7 +98,14 @@ SERVE = ArgTable([
     (("--api-key",), {"action": "append", "metavar": "KEY", "help": "require this key (repeatable)"}),
     (("--api-key-env",), {"metavar": "VAR", "help": "require the key held in environment variable VAR"}),
     (("--rate-limit",), {"metavar": "N/s", "help": "requests per second per key (default: no limit)"}),
-    (("--max-queue",), {"type": int, "default": 256, "help": "prompts in flight before 503 (default 256)"}),
+    (("--max-queue",), {"type": int, "default": 256,
+                        "help": "samples in flight (a prompt with n counts n) before 503 (default 256)"}),
+    (("--max-request-tokens",), {"type": int, "default": 65536, "metavar": "N",
+                                 "help": "most tokens one request may cost: prompt + max_tokens x n, summed "
+                                         "over its prompts; more get 400 (default 65536)"}),
+    (("--stream-write-timeout",), {"type": float, "default": 30.0, "metavar": "SECONDS",
+                                   "help": "cancel a streamed request whose client takes no bytes for this "
+                                           "long (default 30)"}),
     (("--cors",), {"action": "append", "metavar": "ORIGIN", "help": "allow browser calls from ORIGIN (repeatable)"}),
     (("--forwarded-allow-ips",), {"action": "append", "metavar": "IP",
                                   "help": "believe X-Forwarded-For from this proxy address (repeatable; "
@@ -114,6 +129,8 @@ def settings_from_args(args: Any) -> ServerSettings:
         api_keys=tuple(keys),
         rate_limit=parse_rate(args.rate_limit) if args.rate_limit else None,
         max_queue=args.max_queue,
+        max_request_tokens=args.max_request_tokens,
+        stream_write_timeout=args.stream_write_timeout,
         cors_origins=tuple(args.cors or ()),
         forwarded_allow_ips=tuple(args.forwarded_allow_ips or ()),
         allowed_hosts=tuple(args.allowed_host or ()),

@@ -33,9 +33,9 @@ def tiny_llama_folder(folder: Path, seed: int = 0, **overrides) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tiny_tokenizer_folder(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=0, eos_token_id=0, tie_word_embeddings=True, **overrides)
+    config = LlamaConfig(**{"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                            "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": True, **overrides})
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -26,6 +26,27 @@ def test_build_requests_prompt_chat_and_conversations():
         build_requests([])
 
 
+def test_a_builder_that_keeps_counts_only_keeps_no_output():
+    from jupyter_llm.completions import CompletionBuilder
+    from jupyter_llm.schema import TokenEvent, TokenLogprob
+
+    [request] = build_requests("hi", SamplingParams(logprobs=20))
+    kept, counted = (CompletionBuilder([request], "hf", "m", keep_output=keep) for keep in (True, False))
+    for token_id in range(100):
+        entry = TokenLogprob(token_id, "ab", -1.0)
+        event = TokenEvent(request.id, 0, text="ab", token_ids=[token_id], logprobs=[entry])
+        kept.add(event)
+        counted.add(event)
+    done = TokenEvent(request.id, 0, finish_reason="length", prompt_tokens=2)
+    kept.add(done)
+    counted.add(done)
+    [whole], [tally] = kept.completions(), counted.completions()
+    assert (whole.completion_tokens, len(whole.text), len(whole.logprobs)) == (100, 200, 100)
+    assert (tally.completion_tokens, tally.text, tally.token_ids, tally.logprobs) == (100, "", [], None)
+    assert tally.usage == whole.usage and tally.finish_reason == "length" and tally.timings.ttft is not None
+    assert tally.timings.token_times == []
+
+
 def test_names_default_use_and_unload(tiny_llama):
     m = EngineManager()
     try:
@@ -77,6 +98,27 @@ def test_admission_queue_is_bounded(tiny_llama):
         m.shutdown()
 
 
+def test_admission_counts_samples_not_requests(manager, tiny_hf):
+    long = SamplingParams(max_tokens=2000, ignore_eos=True, temperature=0, n=3)
+    stream = manager.stream(["a"], long, backend=tiny_hf)
+    try:
+        next(stream)
+        assert manager.inflight() == 3
+
+        async def one_more(n, limit=4):
+            async for _ in manager.astream(build_requests("b", SamplingParams(max_tokens=1, n=n)), tiny_hf, limit):
+                pass
+
+        with pytest.raises(QueueFullError, match="busy: 3 samples in flight and 2 asked for, the limit is 4"):
+            asyncio.run(one_more(2))
+        with pytest.raises(ParamError, match="ask for 5 samples in one call; at most 4 are admitted at once"):
+            asyncio.run(one_more(5))  # never admissible: not a "retry later"
+        asyncio.run(one_more(1))
+    finally:
+        stream.cancel()
+    assert manager.inflight() == 0
+
+
 def test_a_request_is_checked_and_tokenized_once(manager, tiny_hf, monkeypatch):
     backend = manager.get(tiny_hf)
     calls = {"check": 0, "tokenize": 0}
@@ -119,7 +161,7 @@ def test_a_caller_bound_on_requests_in_flight(manager, tiny_hf):
             async for _ in manager.astream(build_requests("b", SamplingParams(max_tokens=1)), tiny_hf, limit):
                 pass
 
-        with pytest.raises(QueueFullError, match="busy: 1 requests in flight, the limit is 1"):
+        with pytest.raises(QueueFullError, match="busy: 1 samples in flight and 1 asked for, the limit is 1"):
             asyncio.run(one_more(1))
         asyncio.run(one_more(None))  # the manager's own bound (256) admits it
     finally:

@@ -1,33 +1,14 @@
-"""The options of `%llm_backend native` and the memory sizes they accept."""
+"""The options of `%llm_backend native`."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from jupyter_llm.backends.options import BackendOptions
+from jupyter_llm.backends.options import BackendOptions, parse_memory
 from jupyter_llm.errors import ParamError
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATIONS = ("gguf", "int8", "none")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-          "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
-
-
-def parse_memory(value: float | str) -> int:
-    """Bytes from 1073741824, "1GiB", "512MiB", "1.5G" (K/M/G alone are binary units)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise ParamError(f"--kv-cache-memory must be positive, got {value}")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ParamError(f"--kv-cache-memory expects bytes or a size like 512MiB or 1GiB, got {value!r}")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ParamError(f"--kv-cache-memory must be positive, got {value!r}")
-    return size
 
 
 @dataclass

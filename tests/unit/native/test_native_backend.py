@@ -15,8 +15,8 @@ from jupyter_llm.backends.native.fused.ops import fused_ops
 from jupyter_llm.backends.native.int8_linear import Int8Linear
 from jupyter_llm.backends.native.loader import load_model
 from jupyter_llm.backends.native.model_runner import prefill_logits
-from jupyter_llm.backends.native.options import NativeOptions, parse_memory
-from jupyter_llm.backends.options import options_from_args
+from jupyter_llm.backends.native.options import NativeOptions
+from jupyter_llm.backends.options import options_from_args, parse_memory
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.schema import SamplingParams
 

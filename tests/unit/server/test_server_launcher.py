@@ -113,3 +113,19 @@ def test_bad_serve_options_are_one_line_usage_errors(shell, line, message):
         shell.run_cell(line)
     assert message in str(info.value) and "\n" not in str(info.value)
 
+
+
+def test_the_magic_takes_the_limits_of_the_server(shell, tiny_hf, capsys):
+    shell.run_cell("%llm_backend --use tiny-hf")
+    shell.run_cell("%llm_serve --port 0 --stream-write-timeout 2.5 --max-request-tokens 300 --max-queue 8")
+    url = re.search(r"server at (http://127\.0\.0\.1:\d+)/v1", capsys.readouterr().out).group(1)
+    try:
+        [handle] = [h for h in runner.running_servers() if h.url == url]
+        settings = handle.settings
+        assert (settings.stream_write_timeout, settings.max_request_tokens, settings.max_queue) == (2.5, 300, 8)
+        too_much = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "n": 4, "max_tokens": 100}, timeout=60)
+        assert too_much.status_code == 400 and too_much.json()["error"]["code"] == "request_too_large"
+        with pytest.raises(UsageError, match="--stream-write-timeout must be a positive number"):
+            shell.run_cell("%llm_serve --port 0 --stream-write-timeout 0")
+    finally:
+        shell.run_cell("%llm_serve --stop")

@@ -109,3 +109,16 @@ def test_openapi_states_the_bounds_the_server_enforces(client):
     tokens = next(s for s in schema["ChatCompletionRequest"]["properties"]["max_tokens"]["anyOf"]
                   if s.get("type") == "integer")
     assert (n["minimum"], n["maximum"]) == (1, 16) and (tokens["minimum"], tokens["maximum"]) == (1, 4096)
+
+
+def test_the_token_budget_of_one_request_counts_prompts_and_samples(manager, tiny_hf):
+    with running_server(manager, max_request_tokens=200) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        wide = {"model": "tiny-hf", "prompt": ["Hello", "Hi"], "n": 4, "max_tokens": 30}  # 2 x 4 x 30 > 200
+        error = assert_openai_error(c.post(COMPLETIONS, json=wide), 400, "max_tokens", "request_too_large")
+        assert "max_tokens x n 4 x 2 prompts" in error["message"] and "at most 200 tokens" in error["message"]
+        assert c.post(COMPLETIONS, json={**wide, "max_tokens": 20}).status_code == 200
+        # a chat request without a max gets the rest of the budget, not a refusal
+        out = c.post(CHAT, json={"model": "tiny-hf", "messages": HELLO, "n": 4, "ignore_eos": True}).json()
+        prompt = out["usage"]["prompt_tokens"]
+        assert out["usage"]["completion_tokens"] == 4 * ((200 - prompt) // 4)

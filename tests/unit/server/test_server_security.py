@@ -145,6 +145,13 @@ def test_settings_from_args_reads_the_key_from_the_environment(monkeypatch):
                                                      "--rate-limit", "10/s", "--port", "0", "--cors", "http://a"]))
     assert settings.api_keys == ("sk-1", "sk-env") and settings.rate_limit == 10 and settings.port == 0
     assert settings.cors_origins == ("http://a",) and settings.max_queue == 256
+    assert (settings.max_request_tokens, settings.stream_write_timeout) == (65536, 30.0)
+    limits = settings_from_args(parser.parse_args(["--max-request-tokens", "5000", "--stream-write-timeout", "2.5"]))
+    assert (limits.max_request_tokens, limits.stream_write_timeout) == (5000, 2.5)
+    for flag, value in (("--stream-write-timeout", "0"), ("--stream-write-timeout", "nan"),
+                        ("--max-request-tokens", "0")):
+        with pytest.raises(ParamError, match=flag.strip("-").replace("-", "[-_]")):
+            settings_from_args(parser.parse_args([flag, value]))
     monkeypatch.delenv("MY_LLM_KEY")
     with pytest.raises(ParamError, match="MY_LLM_KEY"):
         settings_from_args(parser.parse_args(["--api-key-env", "MY_LLM_KEY"]))
