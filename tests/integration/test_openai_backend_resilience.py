@@ -156,7 +156,7 @@ def test_the_circuit_opens_fails_fast_and_recovers(manager, server, load):
     script.actions.extend([("drop",), ("drop",)])
     with pytest.raises(BackendError, match="cannot reach"):
         manager.generate("hi", PARAMS, backend=name)
-    assert manager.get(name).stats()["circuit"].startswith("open (2 connection failures")
+    assert manager.get(name).stats()["circuit"].startswith("open (2 failed in a row")
     posts = script.posts
     start = time.monotonic()
     with pytest.raises(CircuitOpenError, match="Failing fast"):
@@ -175,6 +175,27 @@ def test_a_stream_that_breaks_ends_the_sample_with_an_error(manager, server, loa
     [c] = manager.generate("hi", PARAMS, backend=name)
     assert c.finish_reason == "error" and c.text == " t0 t1"
     assert "closed the stream" in c.error or "failed mid-stream" in c.error
+
+
+def test_a_stream_that_stalls_counts_towards_opening_the_circuit(manager, server, load):
+    script, url = server
+    name = load(url, read_timeout=0.2, breaker_threshold=1)
+    script.actions.append(("stream", 3, 1.0))  # a token, then silence past the read timeout
+    [c] = manager.generate("hi", PARAMS, backend=name)
+    assert c.finish_reason == "error" and c.text == " t0"
+    assert manager.get(name).stats()["circuit"].startswith("open (1 failed in a row")
+
+
+def test_server_errors_open_the_circuit(manager, server, load):
+    script, url = server
+    name = load(url, breaker_threshold=2, max_retries=0)
+    script.actions.extend([("status", 500, {}), ("status", 502, {})])
+    for _ in range(2):
+        with pytest.raises(BackendError, match="HTTP 50"):
+            manager.generate("hi", PARAMS, backend=name)
+    with pytest.raises(CircuitOpenError):
+        manager.generate("hi", PARAMS, backend=name)
+    assert script.posts == 2
 
 
 def test_cancel_closes_the_http_request(manager, server, load):

@@ -6,7 +6,7 @@ over SSE with httpx; closing the event stream closes the HTTP request, which tel
 server to stop. Stop strings are matched here with the shared StopMatcher rather than
 sent, so every server reports which stop string matched. Opening a request is retried on
 connection failures and 429/503 (honouring Retry-After), and a circuit breaker fails
-fast for a cool-down after repeated connection failures.
+fast for a cool-down after repeated failures (connections, timeouts, 5xx answers).
 
 Token ids: the OpenAI protocol carries text, not ids. vLLM returns ids when asked
 (`return_token_ids`) and chunks that carry `token_ids` are used as they are; otherwise a
@@ -63,7 +63,7 @@ class OpenAIOptions(BackendOptions):
     connect_timeout: float = 10.0
     read_timeout: float = 300.0  # most seconds between two chunks of a stream
     max_retries: int = 3
-    breaker_threshold: int = 5  # consecutive connection failures that open the circuit
+    breaker_threshold: int = 5  # consecutive failures (connections, timeouts, 5xx) that open the circuit
     breaker_cooldown: float = 30.0  # seconds it stays open
 
 
@@ -266,8 +266,7 @@ class OpenAIBackend(Backend):
             except (httpx.TimeoutException, *CONNECTION_ERRORS) as error:
                 self.errors += 1
                 message = f"the connection to {self.url} failed mid-stream ({type(error).__name__}: {error})"
-                if not isinstance(error, httpx.TimeoutException):
-                    self.breaker.record_failure(message)
+                self.breaker.record_failure(message)
                 queue.put_nowait(reader.finish("error", message))
             except ValueError as error:  # a chunk that is not the OpenAI shape
                 self.errors += 1
