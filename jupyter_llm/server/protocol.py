@@ -175,9 +175,10 @@ class CompletionShape:
         return {"index": index, "text": c.text, "finish_reason": finish_reason, "stop_reason": c.stop_reason,
                 "logprobs": self.logprobs(c.logprobs, 0) if c.logprobs is not None else None}
 
-    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None,
-              first: bool) -> dict[str, Any]:
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+    def delta(self, index: int, text: str, finish_reason: str | None, stop_reason: str | None,
+              logprobs: dict | None, first: bool) -> dict[str, Any]:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "stop_reason": stop_reason,
+                "logprobs": logprobs}
 
 
 class ChatShape:
@@ -200,10 +201,11 @@ class ChatShape:
                 "finish_reason": finish_reason, "stop_reason": c.stop_reason,
                 "logprobs": self.logprobs(c.logprobs) if c.logprobs is not None else None}
 
-    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None,
-              first: bool) -> dict[str, Any]:
+    def delta(self, index: int, text: str, finish_reason: str | None, stop_reason: str | None,
+              logprobs: dict | None, first: bool) -> dict[str, Any]:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "stop_reason": stop_reason,
+                "logprobs": logprobs}
 
 
 def message_text(content: str | list[Any], index: int) -> str:

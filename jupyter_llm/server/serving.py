@@ -361,7 +361,8 @@ class Generation:
                 if event.logprobs:
                     logprobs = job.shape.logprobs(event.logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(e.token) for e in event.logprobs)
-                delta = job.shape.delta(index, event.text, event.finish_reason, logprobs, index not in started)
+                delta = job.shape.delta(index, event.text, event.finish_reason, event.stop_reason, logprobs,
+                                        index not in started)
                 started.add(index)
                 chunk = job.envelope([delta], chunk=True)
                 if job.include_usage:

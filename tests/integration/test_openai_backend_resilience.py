@@ -59,22 +59,29 @@ def handler_for(script: Script):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
             elif action[0] == "stream":
-                self._stream(action[1], action[2])
+                self._stream(action[1], action[2], body)
             else:
-                self._stream(action[1], 0.0, broken=True)
+                self._stream(action[1], 0.0, body, broken=True)
 
-        def _stream(self, tokens: int, delay: float, broken: bool = False) -> None:
+        def _stream(self, tokens: int, delay: float, body: dict, broken: bool = False) -> None:
+            """As vLLM streams: one choice per chunk, `n` choices interleaved; a token whose text is
+            a stop string ends its choice with finish_reason "stop" and stop_reason, unshown."""
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
+            stops, live = body.get("stop") or [], set(range(body.get("n", 1)))
             try:
                 for i in range(tokens):
-                    last = i == tokens - 1 and not broken
-                    chunk = {"choices": [{"index": 0, "text": f" t{i}", "token_ids": [100 + i],
-                                          "finish_reason": "length" if last else None}]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    for index in sorted(live):
+                        text = f" t{i}" if index == 0 else f" t{i}.{index}"
+                        choice = {"index": index, "text": text, "token_ids": [100 + i + 10 * index],
+                                  "finish_reason": "length" if i == tokens - 1 and not broken else None}
+                        if text in stops:
+                            choice.update(text="", token_ids=[], finish_reason="stop", stop_reason=text)
+                            live.discard(index)
+                        self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
                     self.wfile.flush()
                     time.sleep(delay)
                 if broken:
@@ -121,6 +128,33 @@ def test_a_plain_stream(manager, server, load):
     assert c.text == " t0 t1 t2 t3" and c.token_ids == [100, 101, 102, 103] and c.prompt_tokens == 3
     body = script.bodies[0]
     assert body["return_token_ids"] is True and body["top_k"] == -1 and body["stream"] is True
+
+
+def test_n_samples_are_one_request_for_a_server_that_takes_n(manager, server, load):
+    script, url = server
+    name = load(url)
+    out = manager.generate("hi", PARAMS.replace(n=3, seed=5), backend=name)
+    assert script.posts == 1 and script.bodies[0]["n"] == 3 and script.bodies[0]["seed"] == 5
+    assert [c.index for c in out] == [0, 1, 2]
+    assert [c.text for c in out] == [" t0 t1 t2 t3", " t0.1 t1.1 t2.1 t3.1", " t0.2 t1.2 t2.2 t3.2"]
+    assert out[2].token_ids == [120, 121, 122, 123] and all(c.finish_reason == "length" for c in out)
+
+
+def test_stop_strings_are_sent_and_the_servers_stop_reason_kept(manager, server, load):
+    script, url = server
+    name = load(url)
+    [c] = manager.generate("hi", PARAMS.replace(stop=(" t2",)), backend=name)
+    assert script.bodies[0]["stop"] == [" t2"]
+    assert c.text == " t0 t1" and c.finish_reason == "stop" and c.stop_reason == " t2"
+
+
+def test_a_stop_string_matched_here_ends_its_sample_and_the_others_go_on(manager, server, load):
+    script, url = server
+    name = load(url)
+    out = manager.generate("hi", PARAMS.replace(n=2, stop=("1.1",)), backend=name)  # inside a token: ours to find
+    assert (out[0].text, out[0].finish_reason) == (" t0 t1 t2 t3", "length")
+    assert (out[1].text, out[1].finish_reason, out[1].stop_reason) == (" t0.1 t", "stop", "1.1")
+    assert script.posts == 1  # the stream went on for the other sample
 
 
 def test_429_and_503_are_retried(manager, server, load):
