@@ -110,14 +110,16 @@ FIELD_NAMES = frozenset(name for model in (CompletionRequest, ChatRequest, ChatM
                         for name in model.model_fields)
 
 
-def bounded_models(max_n: int, max_tokens: int) -> tuple[type[CompletionRequest], type[ChatRequest]]:
-    """The request models with this server's bounds on n and max_tokens, so that the OpenAPI
-    document states the limits that validation enforces."""
+def bounded_models(max_n: int, max_tokens: int, max_messages: int) -> tuple[type[CompletionRequest],
+                                                                           type[ChatRequest]]:
+    """The request models with this server's bounds on n, max_tokens and the number of messages,
+    so that the OpenAPI document states the limits that validation enforces."""
     n = (Annotated[int, Field(ge=1, le=max_n)] | None, None)
     tokens = (Annotated[int, Field(ge=1, le=max_tokens)] | None, None)
+    messages = (Annotated[list[ChatMessage], Field(min_length=1, max_length=max_messages)], ...)
     completion = create_model("CompletionRequest", __base__=CompletionRequest, n=n, max_tokens=tokens)
     chat = create_model("ChatCompletionRequest", __base__=ChatRequest, n=n, max_tokens=tokens,
-                        max_completion_tokens=tokens)
+                        max_completion_tokens=tokens, messages=messages)
     return completion, chat
 
 

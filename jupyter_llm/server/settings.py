@@ -27,6 +27,10 @@ class ServerSettings:
     forwarded_allow_ips: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host header values accepted beyond the defaults ("*": any)
     max_body_bytes: int = 1_000_000
+    max_messages: int = 2048  # messages in one chat request, as OpenAI's API
+    # characters of one request's prompts or message contents: about 128k tokens of English,
+    # the context of the largest common models; validation's work is bounded by it
+    max_prompt_chars: int = 500_000
     max_n: int = 16  # most samples per prompt
     max_tokens: int = 4096  # most tokens per sample (the model's context bounds it further)
     shutdown_timeout: float = 5.0  # seconds in-flight requests get to finish on stop, then cancelled
@@ -37,7 +41,7 @@ class ServerSettings:
             raise ParamError(f"--port must be in [0, 65535] (0 = a free port), got {self.port}")
         if self.rate_limit is not None and not (math.isfinite(self.rate_limit) and self.rate_limit > 0):
             raise ParamError(f"--rate-limit must be a positive number of requests per second, got {self.rate_limit}")
-        for name in ("max_queue", "max_body_bytes", "max_n", "max_tokens"):
+        for name in ("max_queue", "max_body_bytes", "max_messages", "max_prompt_chars", "max_n", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ParamError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(not key for key in self.api_keys):
@@ -91,6 +95,9 @@ SERVE = ArgTable([
     (("--api-key-env",), {"metavar": "VAR", "help": "require the key held in environment variable VAR"}),
     (("--rate-limit",), {"metavar": "N/s", "help": "requests per second per key (default: no limit)"}),
     (("--max-queue",), {"type": int, "default": 256, "help": "prompts in flight before 503 (default 256)"}),
+    (("--max-messages",), {"type": int, "default": 2048, "help": "messages in one chat request (default 2048)"}),
+    (("--max-prompt-chars",), {"type": int, "default": 500_000,
+                               "help": "characters of one request's prompts or messages (default 500000)"}),
     (("--cors",), {"action": "append", "metavar": "ORIGIN", "help": "allow browser calls from ORIGIN (repeatable)"}),
     (("--forwarded-allow-ips",), {"action": "append", "metavar": "IP",
                                   "help": "believe X-Forwarded-For from this proxy address (repeatable; "
@@ -114,6 +121,8 @@ def settings_from_args(args: Any) -> ServerSettings:
         api_keys=tuple(keys),
         rate_limit=parse_rate(args.rate_limit) if args.rate_limit else None,
         max_queue=args.max_queue,
+        max_messages=args.max_messages,
+        max_prompt_chars=args.max_prompt_chars,
         cors_origins=tuple(args.cors or ()),
         forwarded_allow_ips=tuple(args.forwarded_allow_ips or ()),
         allowed_hosts=tuple(args.allowed_host or ()),

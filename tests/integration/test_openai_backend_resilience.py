@@ -20,7 +20,8 @@ PARAMS = SamplingParams(max_tokens=4, temperature=0)
 
 class Script:
     """What the next POSTs answer: ("status", code, headers) | ("drop",) | ("stream", tokens, delay)
-    | ("break", tokens). With nothing scripted, a request streams 4 tokens."""
+    | ("break", tokens) | ("stall", seconds) (then 4 tokens). With nothing scripted, a request
+    streams 4 tokens."""
 
     def __init__(self):
         self.actions: deque = deque()
@@ -60,6 +61,9 @@ def handler_for(script: Script):
                 self.connection.shutdown(socket.SHUT_RDWR)
             elif action[0] == "stream":
                 self._stream(action[1], action[2], body)
+            elif action[0] == "stall":
+                time.sleep(action[1])
+                self._stream(4, 0.0, body)
             else:
                 self._stream(action[1], 0.0, body, broken=True)
 
@@ -72,6 +76,7 @@ def handler_for(script: Script):
             self.end_headers()
             self.close_connection = True
             stops, live = body.get("stop") or [], set(range(body.get("n", 1)))
+            chat = self.path.endswith("/chat/completions")
             try:
                 for i in range(tokens):
                     for index in sorted(live):
@@ -81,6 +86,8 @@ def handler_for(script: Script):
                         if text in stops:
                             choice.update(text="", token_ids=[], finish_reason="stop", stop_reason=text)
                             live.discard(index)
+                        if chat:  # a chat chunk carries its text in a delta
+                            choice["delta"] = {"content": choice.pop("text")}
                         self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
                     self.wfile.flush()
                     time.sleep(delay)
@@ -248,7 +255,7 @@ def test_cancel_closes_the_http_request(manager, server, load):
 
 
 @pytest.mark.parametrize("status", [429, 503])
-def test_upstream_overload_is_our_503_with_its_retry_after(manager, server, load, status, tiny_llama):
+def test_upstream_overload_is_our_503_with_its_retry_after(manager, server, load, status):
     """Through our server: an upstream that stays overloaded answers the client 503 with the
     upstream's Retry-After (not a 500), and the upstream's answer stays the backend error's message."""
     import httpx
@@ -256,7 +263,7 @@ def test_upstream_overload_is_our_503_with_its_retry_after(manager, server, load
     from server_helpers import assert_openai_error, running_server
 
     script, url = server
-    name = load(url, max_retries=0, tokenizer=str(tiny_llama))  # our server counts the prompt's tokens
+    name = load(url, max_retries=0)
     script.actions.append(("status", status, {"Retry-After": "7"}))
     with running_server(manager) as ours:
         answer = httpx.post(ours.url + "/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2},
@@ -266,3 +273,51 @@ def test_upstream_overload_is_our_503_with_its_retry_after(manager, server, load
         fine = httpx.post(ours.url + "/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2},
                           timeout=30)
         assert fine.status_code == 200  # the next request, not overloaded, is served
+
+
+def test_chat_through_our_server_without_a_local_tokenizer(manager, server, load):
+    """The upstream applies its own chat template and counts the prompt: our server sends it the messages."""
+    import httpx
+
+    from server_helpers import running_server
+
+    script, url = server
+    name = load(url)
+    assert manager.get(name).tokenizer is None
+    with running_server(manager) as ours:
+        answer = httpx.post(ours.url + "/v1/chat/completions", timeout=30,
+                            json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert answer.status_code == 200, answer.text
+    out = answer.json()
+    assert out["choices"][0]["message"]["content"] == " t0 t1 t2 t3" and out["usage"]["prompt_tokens"] == 3
+    assert script.bodies[-1]["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_a_stalled_upstream_does_not_stall_our_server(manager, server, load):
+    """Without a local tokenizer nothing waits on the upstream on our server's event loop: /health
+    and the other requests answer while the upstream stalls."""
+    import httpx
+
+    from server_helpers import running_server
+
+    script, url = server
+    name = load(url)
+    script.actions.append(("stall", 3.0))
+    with running_server(manager) as ours:
+        results = {}
+        slow = threading.Thread(target=lambda: results.update(slow=httpx.post(
+            ours.url + "/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 4}, timeout=30)))
+        slow.start()
+        assert wait_until_posted(script, 1)
+        start = time.monotonic()
+        health = httpx.get(ours.url + "/health", timeout=30)
+        assert health.status_code == 200 and time.monotonic() - start < 1.0
+        slow.join(30)
+    assert results["slow"].status_code == 200 and results["slow"].json()["choices"][0]["text"] == " t0 t1 t2 t3"
+
+
+def wait_until_posted(script: Script, posts: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while script.posts < posts and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return script.posts >= posts

@@ -183,10 +183,15 @@ class OpenAIBackend(Backend):
             raise ParamError(f"backend 'openai' ({self.dialect} dialect at {self.url}) does not support "
                              f"{', '.join(refused)}")
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        if self.tokenizer is not None:  # the ids _local_prompt_tokens counts
-            return self.tokenizer.prompt_ids(request)
-        return super().prompt_ids(request)
+    def prompt_ids(self, request: GenerationRequest) -> list[int] | None:
+        """The local tokenizer's ids (those _local_prompt_tokens counts); without one, None: the
+        server counts the prompt and applies its own chat template (asking it to tokenize first
+        would cost a round trip per request, and no server tokenizes chat for llama-cpp-python)."""
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        if self.tokenizer is None or (request.is_chat and not self.tokenizer.has_chat_template):
+            return None
+        return self.tokenizer.prompt_ids(request)
 
     def _local_prompt_tokens(self, request: GenerationRequest) -> int | None:
         """The prompt's length by the local tokenizer (None without one); refuses what cannot fit."""
