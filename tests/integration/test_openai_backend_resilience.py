@@ -20,8 +20,8 @@ PARAMS = SamplingParams(max_tokens=4, temperature=0)
 
 class Script:
     """What the next POSTs answer: ("status", code, headers) | ("drop",) | ("stream", tokens, delay)
-    | ("break", tokens) | ("stall", seconds) (then 4 tokens). With nothing scripted, a request
-    streams 4 tokens."""
+    | ("break", tokens) | ("stall", seconds) (then 4 tokens) | ("error event", message) (after a
+    token). With nothing scripted, a request streams 4 tokens."""
 
     def __init__(self):
         self.actions: deque = deque()
@@ -56,6 +56,8 @@ def handler_for(script: Script):
             action = script.actions.popleft() if script.actions else ("stream", 4, 0.0)
             if action[0] == "status":
                 self._json(action[1], {"error": {"message": f"scripted {action[1]}"}}, action[2])
+            elif action[0] == "error event":  # as vLLM reports a failure once the stream started
+                self._stream(1, 0.0, body, broken=True, error=action[1])
             elif action[0] == "drop":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -67,7 +69,7 @@ def handler_for(script: Script):
             else:
                 self._stream(action[1], 0.0, body, broken=True)
 
-        def _stream(self, tokens: int, delay: float, body: dict, broken: bool = False) -> None:
+        def _stream(self, tokens: int, delay: float, body: dict, broken: bool = False, error: str = "") -> None:
             """As vLLM streams: one choice per chunk, `n` choices interleaved; a token whose text is
             a stop string ends its choice with finish_reason "stop" and stop_reason, unshown."""
             self.send_response(200)
@@ -91,6 +93,10 @@ def handler_for(script: Script):
                         self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
                     self.wfile.flush()
                     time.sleep(delay)
+                if error:
+                    self.wfile.write(f"data: {json.dumps({'error': {'message': error}})}\n\n".encode())
+                    self.wfile.flush()
+                    return
                 if broken:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
@@ -178,8 +184,9 @@ def test_a_long_retry_after_is_reported_not_waited_for(manager, server, load):
     name = load(url)
     script.actions.append(("status", 429, {"Retry-After": "3600"}))
     start = time.monotonic()
-    with pytest.raises(BackendError, match=r"busy \(HTTP 429\).*scripted 429"):
+    with pytest.raises(BackendError, match=r"busy \(HTTP 429\)") as raised:
         manager.generate("hi", PARAMS, backend=name)
+    assert "scripted" not in str(raised.value)  # the server's own words go to the log
     assert time.monotonic() - start < 5 and script.posts == 1
 
 
@@ -321,3 +328,33 @@ def wait_until_posted(script: Script, posts: int, timeout: float = 10.0) -> bool
     while script.posts < posts and time.monotonic() < deadline:
         time.sleep(0.01)
     return script.posts >= posts
+
+
+@pytest.mark.parametrize("action, says", [
+    (("drop",), "cannot reach the upstream server"),
+    (("status", 500, {}), "the upstream server failed (HTTP 500)"),
+    (("break", 1), "the upstream server closed the stream before the end"),
+    (("error event", "CUDA error in /opt/vllm/worker.py"), "the upstream server failed mid-stream"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_our_clients_learn_what_failed_upstream_not_where_or_how(manager, server, load, caplog, action, says,
+                                                                 stream):
+    """The upstream's URL and the exception's text are the server's log's, not the client's."""
+    import logging
+
+    import httpx
+
+    from server_helpers import running_server, sse_data
+
+    script, url = server
+    name = load(url, max_retries=0)
+    script.actions.append(action)
+    body = {"model": name, "prompt": "hi", "max_tokens": 4, "stream": stream}
+    with caplog.at_level(logging.WARNING, logger="jupyter_llm"), running_server(manager) as ours:
+        answer = httpx.post(ours.url + "/v1/completions", json=body, timeout=30)
+    error = (sse_data(answer.text.splitlines())[-2] if answer.status_code == 200 else answer.json())["error"]
+    host = url.removeprefix("http://")
+    assert says in error["message"], error
+    for internal in (host, "Error:", "CUDA", "scripted"):
+        assert internal not in error["message"], error
+    assert host in caplog.text  # the details are logged

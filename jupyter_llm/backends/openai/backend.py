@@ -8,6 +8,9 @@ server takes them (see wire.py) and matched here too with the shared StopMatcher
 connection failures and 429/503 (honouring Retry-After), and a circuit breaker fails
 fast for a cool-down after repeated failures (connections, timeouts, 5xx answers).
 
+Errors while generating name "the upstream server", never its URL, and carry no exception
+text (they may reach the clients of this project's server); the details go to the log.
+
 Token ids: the OpenAI protocol carries text, not ids. vLLM returns ids when asked
 (`return_token_ids`) and chunks that carry `token_ids` are used as they are; otherwise a
 local tokenizer that matches the server's model (--tokenizer, or the served model when it
@@ -17,6 +20,7 @@ events carry text only.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,7 +31,14 @@ import httpx
 
 from jupyter_llm.backends.base import Backend, Capabilities, check_prompt_fits
 from jupyter_llm.backends.meter import TokenMeter
-from jupyter_llm.backends.openai.resilience import CONNECTION_ERRORS, CircuitBreaker, RetryPolicy, send_with_retries
+from jupyter_llm.backends.openai.resilience import (
+    CONNECTION_ERRORS,
+    UPSTREAM,
+    CircuitBreaker,
+    RetryPolicy,
+    error_text,
+    send_with_retries,
+)
 from jupyter_llm.backends.openai.wire import (
     DIALECTS,
     SERVER_SIDE_N,
@@ -49,6 +60,7 @@ from jupyter_llm.output import StopMatcher
 from jupyter_llm.schema import GenerationRequest, Message, TokenEvent, TokenLogprob
 from jupyter_llm.tokenizers import Tokenizer, load_gguf_tokenizer, load_tokenizer
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 131072  # when neither the server nor --max-model-len says
 _FINISH = {"length": "length", "abort": "cancelled", "cancelled": "cancelled"}
 
@@ -133,7 +145,9 @@ class OpenAIBackend(Backend):
             raise BackendError(f"cannot reach {self.url} ({type(error).__name__}: {error}); is the server "
                                f"running? (--url)") from None
         if response.status_code != 200:
-            raise refusal_error(response.status_code, error_message(response.content), self.url)
+            message = error_message(response.content)
+            log.warning("%s/models answered HTTP %d: %s", self.url, response.status_code, message)
+            raise refusal_error(response.status_code, message, self.url)
         cards = [c for c in response.json().get("data", []) if isinstance(c, dict) and c.get("id")]
         if not cards:
             raise BackendError(f"{self.url}/models lists no model")
@@ -180,7 +194,7 @@ class OpenAIBackend(Backend):
         super().check_request(request)
         refused = refusals(request.params, self.dialect, bool(self.eos_token_ids))
         if refused:
-            raise ParamError(f"backend 'openai' ({self.dialect} dialect at {self.url}) does not support "
+            raise ParamError(f"backend 'openai' ({self.dialect} dialect) does not support "
                              f"{', '.join(refused)}")
 
     def prompt_ids(self, request: GenerationRequest) -> list[int] | None:
@@ -249,7 +263,8 @@ class OpenAIBackend(Backend):
         if response.status_code != 200:
             message = error_message(await response.aread())
             await response.aclose()
-            raise refusal_error(response.status_code, message, self.url,
+            log.warning("%s%s answered HTTP %d: %s", self.url, path, response.status_code, message)
+            raise refusal_error(response.status_code, message, UPSTREAM,
                                 self.max_model_len if self._max_model_len_known else None,
                                 response.headers.get("retry-after"))
         return response
@@ -278,13 +293,17 @@ class OpenAIBackend(Backend):
                     queue.put_nowait(event)
             except (httpx.TimeoutException, *CONNECTION_ERRORS) as error:
                 self.errors += 1
-                message = f"the connection to {self.url} failed mid-stream ({type(error).__name__}: {error})"
-                self.breaker.record_failure(message)
-                for event in reader.finish("error", message):
+                detail = f"{self.url}: {error_text(error)}"
+                log.warning("the stream from %s failed: %s", self.url, error_text(error))
+                self.breaker.record_failure(detail)
+                failed = "sent nothing within the read timeout" if isinstance(error, httpx.TimeoutException) \
+                    else "broke the connection"
+                for event in reader.finish("error", f"{UPSTREAM} {failed} mid-stream"):
                     queue.put_nowait(event)
             except ValueError as error:  # a chunk that is not the OpenAI shape
                 self.errors += 1
-                for event in reader.finish("error", f"{self.url} sent an unreadable chunk: {error}"):
+                log.warning("%s sent an unreadable chunk: %s", self.url, error)
+                for event in reader.finish("error", f"{UPSTREAM} sent a chunk that is not OpenAI's shape"):
                     queue.put_nowait(event)
             finally:
                 await response.aclose()
@@ -358,8 +377,9 @@ class _StreamReader:
             return [s.finish(s.server_finish or "stop") for s in self.samples if not s.done]
         if "error" in payload and not payload.get("choices"):  # an error in the middle of a stream
             error = payload["error"]
-            message = error.get("message", error) if isinstance(error, dict) else error
-            return self.finish("error", f"{self.backend.url}: {message}")
+            log.warning("%s sent an error mid-stream: %s", self.backend.url,
+                        error.get("message", error) if isinstance(error, dict) else error)
+            return self.finish("error", f"{UPSTREAM} failed mid-stream")
         choices, prompt_tokens = parse_chunk(payload, self.chat, self.top)
         if prompt_tokens is not None:
             for sample in self.samples:
@@ -430,7 +450,8 @@ class _SampleReader:
         if reason is None:  # the stream ended without [DONE]
             reason = self.server_finish or "error"
             if reason == "error":
-                event.error = f"{self.backend.url} closed the stream before the end of the answer"
+                log.warning("%s closed the stream before the end of the answer", self.backend.url)
+                event.error = f"{UPSTREAM} closed the stream before the end of the answer"
         if reason == "stop":
             event.stop_reason = self.server_stop
         self._finish_event(event, reason)

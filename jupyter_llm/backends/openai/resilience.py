@@ -6,11 +6,15 @@ tokens flow, a retry would repeat them. The breaker counts consecutive failures 
 that fail or time out, 5xx answers, streams that break); past a threshold it opens and
 requests fail at once for a cool-down. Then one trial request goes through (half-open): its
 answer closes the circuit, its failure reopens it.
+
+Errors say what failed, never where or the exception's text: they may reach the clients of
+this project's server. The details (the URL, the exception) go to the log.
 """
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import random
 import threading
 import time
@@ -21,6 +25,8 @@ import httpx
 
 from jupyter_llm.errors import BackendError, CircuitOpenError
 
+log = logging.getLogger(__name__)
+UPSTREAM = "the upstream server"  # how errors name the server a backend forwards to
 RETRY_STATUSES = (429, 503)
 # Failures that say nothing reached the server, or the server went away.
 CONNECTION_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
@@ -86,7 +92,7 @@ class CircuitBreaker:
             return f"open ({self.failures} failed in a row; retrying in {left:.0f} s)"
         return "half-open (a trial request is in flight)" if state == "half-open" and self.trial else state
 
-    def admit(self, target: str) -> bool:
+    def admit(self) -> bool:
         """Let a request through, or raise CircuitOpenError (open, or half-open with the trial in
         flight). True when this request is the half-open trial: it must end in record_success,
         record_failure or release."""
@@ -97,8 +103,8 @@ class CircuitBreaker:
                 self.trial = True
                 return True
         reason = "a trial request is checking whether it recovered" if self.trial else self.describe()
-        raise CircuitOpenError(f"{target} is unreachable: {reason}; last error: {self.last_error}. "
-                               f"Failing fast until the cool-down ends.")
+        raise CircuitOpenError(f"{UPSTREAM} is unavailable: its circuit is {reason}. Failing fast until the "
+                               f"cool-down ends.")
 
     def release(self) -> None:
         """The trial ended without an answer (cancelled): the next request is the trial."""
@@ -110,11 +116,14 @@ class CircuitBreaker:
             self.failures, self.opened_at, self.trial = 0, None, False
 
     def record_failure(self, error: str) -> None:
+        """Count a failure; `error` (its details) is logged when it opens the circuit."""
         with self._lock:
             self.failures += 1
             self.last_error = error
             half_open = self.opened_at is not None  # the trial request after a cool-down failed
             if half_open or self.failures >= self.threshold:
+                if not half_open:
+                    log.warning("circuit opened after %d failures in a row; the last: %s", self.failures, error)
                 self.opened_at = self.clock()
             self.trial = False
 
@@ -133,28 +142,30 @@ async def send_with_retries(send: Callable[[], Awaitable[httpx.Response]], polic
     """
     attempt = 0
     while True:
-        trial = breaker.admit(target)
+        trial = breaker.admit()
         try:
             response = await send()
         except CONNECTION_ERRORS as error:
             message = error_text(error)
-            breaker.record_failure(message)
+            breaker.record_failure(f"{target}: {message}")
             if attempt >= policy.max_retries or breaker.state == "open":
-                raise BackendError(f"cannot reach {target} ({message}) after {attempt + 1} attempt(s)") from None
+                log.warning("cannot reach %s after %d attempt(s): %s", target, attempt + 1, message)
+                raise BackendError(f"cannot reach {UPSTREAM} after {attempt + 1} attempt(s)") from None
             if on_retry:
                 on_retry(message)
             await asyncio.sleep(policy.delay(attempt))
             attempt += 1
             continue
         except httpx.TimeoutException as error:  # connected, but no answer within the read timeout
-            breaker.record_failure(error_text(error))
-            raise BackendError(f"{target} did not answer within the read timeout ({error_text(error)})") from None
+            breaker.record_failure(f"{target}: {error_text(error)}")
+            log.warning("%s did not answer within the read timeout: %s", target, error_text(error))
+            raise BackendError(f"{UPSTREAM} did not answer within the read timeout") from None
         except BaseException:
             if trial:
                 breaker.release()
             raise
         if response.status_code >= 500:
-            breaker.record_failure(f"HTTP {response.status_code}")
+            breaker.record_failure(f"{target}: HTTP {response.status_code}")
         else:
             breaker.record_success()
         if response.status_code not in RETRY_STATUSES or attempt >= policy.max_retries:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jupyter_llm.backends.base import Capabilities
-from jupyter_llm.backends.openai.resilience import retry_after_seconds
+from jupyter_llm.backends.openai.resilience import UPSTREAM, retry_after_seconds
 from jupyter_llm.errors import BackendError, ParamError, UpstreamBusy
 from jupyter_llm.schema import GenerationRequest, SamplingParams
 
@@ -185,17 +185,17 @@ def error_message(body: bytes | str) -> str:
     return text.strip()[:500]
 
 
-def refusal_error(status: int, message: str, target: str, max_model_len: int | None = None,
+def refusal_error(status: int, message: str, target: str = UPSTREAM, max_model_len: int | None = None,
                   retry_after: str | None = None) -> Exception:
     """The error to raise for a non-2xx answer: ParamError for a refused request, UpstreamBusy (with
-    the answer's Retry-After header, parsed) for overload, else BackendError."""
+    the answer's Retry-After header, parsed) for overload, else BackendError. Only a refused
+    request's error repeats the server's `message` (it says what to mend); the caller logs it."""
     if status in (401, 403):
-        return BackendError(f"{target} refused the API key (HTTP {status}): {message}; "
-                            f"give --api-key or --api-key-env")
+        return BackendError(f"{target} refused the API key (HTTP {status}); give --api-key or --api-key-env")
     if status == 404:
-        return BackendError(f"{target}: not found (HTTP 404): {message}; check --url and --model")
+        return BackendError(f"{target}: not found (HTTP 404); check --url and --model")
     if status in (429, 503):
-        return UpstreamBusy(f"{target} is busy (HTTP {status}) and retries did not help: {message}",
+        return UpstreamBusy(f"{target} is busy (HTTP {status}) and retries did not help",
                             retry_after_seconds(retry_after))
     if 400 <= status < 500:
         if _CONTEXT_ERROR.search(message):
@@ -203,4 +203,4 @@ def refusal_error(status: int, message: str, target: str, max_model_len: int | N
                 " (set --max-model-len to check prompts before sending them)"
             return ParamError(f"the prompt does not fit the server's context{known}: {message}")
         return ParamError(f"{target} refused the request (HTTP {status}): {message}")
-    return BackendError(f"{target} failed (HTTP {status}): {message}")
+    return BackendError(f"{target} failed (HTTP {status})")

@@ -155,6 +155,15 @@ def test_refusals_become_clear_errors():
         assert isinstance(refusal_error(status, "x", "U"), BackendError)
 
 
+def test_only_a_refused_request_repeats_the_servers_message():
+    """The server's own words for a failure (an internal error, its rate limits) go to the log only."""
+    secret = "worker 3 at /opt/models/llama died"
+    for status in (401, 403, 404, 429, 500, 502, 503):
+        error = refusal_error(status, secret)
+        assert secret not in str(error) and str(error).startswith("the upstream server"), status
+    assert "top_k must be positive" in str(refusal_error(400, "top_k must be positive"))
+
+
 def test_urls():
     assert normalize_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
     assert normalize_url("http://h:1/v1/") == "http://h:1/v1"

@@ -45,10 +45,10 @@ def test_breaker_opens_after_the_threshold_and_half_opens_after_the_cooldown():
     breaker.record_failure("refused")
     assert breaker.state == "open" and "retrying in 10 s" in breaker.describe()
     with pytest.raises(CircuitOpenError, match="Failing fast"):
-        breaker.admit("http://x")
+        breaker.admit()
     clock.now = 10.5
     assert breaker.state == "half-open"
-    assert breaker.admit("http://x") is True  # let through: the trial
+    assert breaker.admit() is True  # let through: the trial
     breaker.record_failure("refused again")  # the trial failed: open again at once
     assert breaker.state == "open"
     clock.now = 21
@@ -94,8 +94,9 @@ def test_connection_failures_retry_then_fail_clearly():
     refused = httpx.ConnectError("connection refused")
     result, _calls = run_sends([refused, response(200)])
     assert result.status_code == 200
-    with pytest.raises(BackendError, match="cannot reach http://x .*after 4 attempt"):
+    with pytest.raises(BackendError, match="cannot reach the upstream server after 4 attempt") as raised:
         run_sends([refused] * 4)
+    assert "http://x" not in str(raised.value) and "refused" not in str(raised.value)  # the log's, not the client's
 
 
 def test_the_breaker_stops_retries_and_then_fails_fast():
@@ -112,11 +113,11 @@ def test_half_open_lets_one_trial_through_and_fails_the_others_fast():
     breaker = CircuitBreaker(threshold=1, cooldown=10, clock=clock)
     breaker.record_failure("refused")
     clock.now = 11
-    assert breaker.admit("http://x") is True  # the trial
+    assert breaker.admit() is True  # the trial
     with pytest.raises(CircuitOpenError, match="trial"):
-        breaker.admit("http://x")
+        breaker.admit()
     breaker.record_success()
-    assert breaker.state == "closed" and breaker.admit("http://x") is False
+    assert breaker.state == "closed" and breaker.admit() is False
 
 
 def test_a_trial_that_ends_without_an_answer_frees_the_slot():
@@ -130,7 +131,7 @@ def test_a_trial_that_ends_without_an_answer_frees_the_slot():
 
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(send_with_retries(cancelled, FAST, breaker, "http://x"))
-    assert breaker.state == "half-open" and breaker.admit("http://x") is True  # the next request is the trial
+    assert breaker.state == "half-open" and breaker.admit() is True  # the next request is the trial
 
 
 def test_concurrent_requests_in_half_open_send_one_trial():
