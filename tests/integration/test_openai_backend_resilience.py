@@ -358,3 +358,20 @@ def test_our_clients_learn_what_failed_upstream_not_where_or_how(manager, server
     for internal in (host, "Error:", "CUDA", "scripted"):
         assert internal not in error["message"], error
     assert host in caplog.text  # the details are logged
+
+
+def test_an_open_circuit_is_our_503_with_the_cool_down_left(manager, server, load):
+    import httpx
+
+    from server_helpers import assert_openai_error, running_server
+
+    script, url = server
+    name = load(url, breaker_threshold=1, breaker_cooldown=30.0, max_retries=0)
+    script.actions.append(("status", 500, {}))
+    with running_server(manager) as ours:
+        body = {"model": name, "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(ours.url + "/v1/completions", json=body, timeout=30).status_code == 500
+        answer = httpx.post(ours.url + "/v1/completions", json=body, timeout=30)
+    assert_openai_error(answer, 503, code="upstream_busy")
+    assert 25 <= int(answer.headers["retry-after"]) <= 30 and "circuit is open" in answer.json()["error"]["message"]
+    assert script.posts == 1

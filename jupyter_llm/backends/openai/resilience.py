@@ -102,9 +102,10 @@ class CircuitBreaker:
             if self.clock() - self.opened_at >= self.cooldown and not self.trial:
                 self.trial = True
                 return True
-        reason = "a trial request is checking whether it recovered" if self.trial else self.describe()
+            left = max(0.0, self.cooldown - (self.clock() - self.opened_at))
+        reason = "half-open: a trial request is checking whether it recovered" if self.trial else self.describe()
         raise CircuitOpenError(f"{UPSTREAM} is unavailable: its circuit is {reason}. Failing fast until the "
-                               f"cool-down ends.")
+                               f"cool-down ends.", retry_after=left or 1.0)
 
     def release(self) -> None:
         """The trial ended without an answer (cancelled): the next request is the trial."""
