@@ -29,14 +29,15 @@ class NoBackendError(BackendError):
 
 
 class UpstreamBusy(BackendError):
-    """The server a backend forwards to is overloaded (HTTP 429 or 503) and retries did not help."""
+    """The server a backend forwards to cannot take requests now: it is overloaded (HTTP 429 or
+    503) and retries did not help, or its circuit is open. Over HTTP: 503 with Retry-After."""
 
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after  # seconds, as the upstream's Retry-After said
 
 
-class CircuitOpenError(BackendError):
+class CircuitOpenError(UpstreamBusy):
     """The breaker is open: the server failed repeatedly and is not tried until the cool-down ends."""
 
 

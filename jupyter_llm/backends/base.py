@@ -131,8 +131,9 @@ class Backend(ABC):
         self.check_request(request)
         return PreparedRequest.of(request, self)
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """The token ids of a request's prompt or conversation (the ones it carries, if any)."""
+    def prompt_ids(self, request: GenerationRequest) -> list[int] | None:
+        """The token ids of a request's prompt or conversation (the ones it carries, if any); None
+        from a backend that forwards the text to a server that tokenizes and counts it itself."""
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
         if request.messages is not None:

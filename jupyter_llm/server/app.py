@@ -42,7 +42,7 @@ def create_app(manager: Any = None, settings: ServerSettings | None = None) -> F
     settings = settings or ServerSettings()
     metrics = ServerMetrics(manager)
     generation = Generation(manager, settings, metrics)
-    CompletionBody, ChatBody = bounded_models(settings.max_n, settings.max_tokens)
+    CompletionBody, ChatBody = bounded_models(settings.max_n, settings.max_tokens, settings.max_messages)
     started = int(time.time())
 
     @asynccontextmanager

@@ -110,14 +110,16 @@ FIELD_NAMES = frozenset(name for model in (CompletionRequest, ChatRequest, ChatM
                         for name in model.model_fields)
 
 
-def bounded_models(max_n: int, max_tokens: int) -> tuple[type[CompletionRequest], type[ChatRequest]]:
-    """The request models with this server's bounds on n and max_tokens, so that the OpenAPI
-    document states the limits that validation enforces."""
+def bounded_models(max_n: int, max_tokens: int, max_messages: int) -> tuple[type[CompletionRequest],
+                                                                           type[ChatRequest]]:
+    """The request models with this server's bounds on n, max_tokens and the number of messages,
+    so that the OpenAPI document states the limits that validation enforces."""
     n = (Annotated[int, Field(ge=1, le=max_n)] | None, None)
     tokens = (Annotated[int, Field(ge=1, le=max_tokens)] | None, None)
+    messages = (Annotated[list[ChatMessage], Field(min_length=1, max_length=max_messages)], ...)
     completion = create_model("CompletionRequest", __base__=CompletionRequest, n=n, max_tokens=tokens)
     chat = create_model("ChatCompletionRequest", __base__=ChatRequest, n=n, max_tokens=tokens,
-                        max_completion_tokens=tokens)
+                        max_completion_tokens=tokens, messages=messages)
     return completion, chat
 
 
@@ -175,9 +177,10 @@ class CompletionShape:
         return {"index": index, "text": c.text, "finish_reason": finish_reason, "stop_reason": c.stop_reason,
                 "logprobs": self.logprobs(c.logprobs, 0) if c.logprobs is not None else None}
 
-    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None,
-              first: bool) -> dict[str, Any]:
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+    def delta(self, index: int, text: str, finish_reason: str | None, stop_reason: str | None,
+              logprobs: dict | None, first: bool) -> dict[str, Any]:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "stop_reason": stop_reason,
+                "logprobs": logprobs}
 
 
 class ChatShape:
@@ -200,10 +203,11 @@ class ChatShape:
                 "finish_reason": finish_reason, "stop_reason": c.stop_reason,
                 "logprobs": self.logprobs(c.logprobs) if c.logprobs is not None else None}
 
-    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None,
-              first: bool) -> dict[str, Any]:
+    def delta(self, index: int, text: str, finish_reason: str | None, stop_reason: str | None,
+              logprobs: dict | None, first: bool) -> dict[str, Any]:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "stop_reason": stop_reason,
+                "logprobs": logprobs}
 
 
 def message_text(content: str | list[Any], index: int) -> str:

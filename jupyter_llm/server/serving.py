@@ -1,15 +1,18 @@
 """From an OpenAI request to the manager's GenerationRequests and back.
 
-Everything that can be refused is refused before a byte of the answer goes out: the model,
-the sampling parameters, the context length (tokenized with the backend's tokenizer, once:
-the prompt ids travel down with the request), the backend's capabilities (checked once, by
-`Backend.prepare`), the request's token budget (prompt + max_tokens x n, --max-request-tokens),
-and admission (the manager's bound on samples, which --max-queue sets). A stream starts once
-its first event arrived, so that even errors raised inside the backend get a proper status
-code. A client that goes away cancels its requests inside the backend (sse-starlette notices
-it while streaming; a watcher on `receive` notices it otherwise), and so does one that stops
-reading a stream for --stream-write-timeout seconds; what it has not taken meanwhile is folded
-into one pending event per sample (event_mailbox.py), and its builder keeps counts only.
+Everything that can be refused is refused before a byte of the answer goes out: the size
+(--max-messages, --max-prompt-chars), the model, the sampling parameters, the context length
+(tokenized with the backend's tokenizer, once, off the event loop for long requests: the
+prompt ids travel down with the request; a backend that forwards text to a server that counts
+it, as the openai backend without a local tokenizer, leaves that check to the server), the
+backend's capabilities (checked once, by `Backend.prepare`), the request's token budget
+(prompt + max_tokens x n, --max-request-tokens), and admission (the manager's bound on samples,
+which --max-queue sets). A stream starts once its first event arrived, so that even errors
+raised inside the backend get a proper status code. A client that goes away cancels its
+requests inside the backend (sse-starlette notices it while streaming; a watcher on `receive`
+notices it otherwise), and so does one that stops reading a stream for --stream-write-timeout
+seconds; what it has not taken meanwhile is folded into one pending event per sample
+(event_mailbox.py), and its builder keeps counts only.
 """
 from __future__ import annotations
 
@@ -133,12 +136,23 @@ class Generation:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        job = await _validate(self._completion_job, body, sum(map(len, prompts)))
+        chars = sum(map(len, prompts))
+        self._check_size(chars, "prompt")
+        job = await _validate(self._completion_job, body, chars)
         return await self._run(self._salted(job, request, body), request)
 
     async def chat(self, body: ChatRequest, request: Request) -> Response:
-        size = sum(len(m.content) if isinstance(m.content, str) else len(str(m.content)) for m in body.messages)
-        return await self._run(self._salted(await _validate(self._chat_job, body, size), request, body), request)
+        chars = sum(len(message_text(m.content, i)) for i, m in enumerate(body.messages))
+        self._check_size(chars, "messages")
+        # A chat template renders text around every message (roles, separators), even an empty one.
+        work = chars + TEMPLATE_CHARS_PER_MESSAGE * len(body.messages)
+        return await self._run(self._salted(await _validate(self._chat_job, body, work), request, body), request)
+
+    def _check_size(self, chars: int, param: str) -> None:
+        if chars > self.settings.max_prompt_chars:
+            raise APIError(400, f"the {param} has {chars} characters; this server accepts at most "
+                                f"{self.settings.max_prompt_chars} per request", param=param,
+                           code="string_above_max_length")
 
     def _salted(self, job: Job, request: Request, body: SamplingFields) -> Job:
         salt = cache_salt(request.scope, self.keys, body.cache_salt)
@@ -162,8 +176,8 @@ class Generation:
                            code="unsupported")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         ids = [self._tokenize(backend, GenerationRequest(prompt=p), "prompt") for p in prompts]
-        params = self._params(body, backend, [len(i) for i in ids], ("max_tokens", body.max_tokens),
-                              COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs)
+        params = self._params(body, backend, [None if i is None else len(i) for i in ids],
+                              ("max_tokens", body.max_tokens), COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs)
         return self._job(CompletionShape(), name, backend, body,
                          [GenerationRequest(prompt=p, params=params, prompt_token_ids=i) for p, i in zip(prompts, ids)])
 
@@ -182,7 +196,7 @@ class Generation:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         limit = ("max_completion_tokens", body.max_completion_tokens) if body.max_completion_tokens is not None \
             else ("max_tokens", body.max_tokens)
-        params = self._params(body, backend, [len(ids)], limit, None, logprobs)
+        params = self._params(body, backend, [None if ids is None else len(ids)], limit, None, logprobs)
         return self._job(ChatShape(), name, backend, body,
                          [GenerationRequest(messages=messages, params=params, prompt_token_ids=ids)])
 
@@ -227,22 +241,24 @@ class Generation:
             raise backend_failure(error) from None
 
     @staticmethod
-    def _tokenize(backend: Backend, request: GenerationRequest, param: str) -> list[int]:
-        """The request's prompt ids by the backend's tokenizer: counted here, then handed down."""
+    def _tokenize(backend: Backend, request: GenerationRequest, param: str) -> list[int] | None:
+        """The request's prompt ids by the backend's tokenizer: counted here, then handed down.
+        None where the backend leaves counting to the server it forwards to."""
         try:
             ids = backend.prompt_ids(request)
         except Exception as error:  # noqa: BLE001 e.g. lone surrogates, a chat template that refuses the roles
             raise APIError(400, f"cannot tokenize the {param}: {error}", param=param, code="invalid_value") from None
-        if not ids:
+        if ids == [] or (ids is None and request.prompt == ""):
             raise APIError(400, f"the {param} is empty", param=param, code="invalid_value")
         return ids
 
-    def _params(self, body: SamplingFields, backend: Backend, lengths: list[int], limit: tuple[str, int | None],
-                default: int | None, logprobs: int | None) -> SamplingParams:
-        """SamplingParams for the body; `limit` is (the field that gave max_tokens, its value)."""
+    def _params(self, body: SamplingFields, backend: Backend, lengths: list[int | None],
+                limit: tuple[str, int | None], default: int | None, logprobs: int | None) -> SamplingParams:
+        """SamplingParams for the body; `limit` is (the field that gave max_tokens, its value);
+        `lengths` are the prompts' token counts (None: not known here, the backend's server checks them)."""
         context = backend.max_model_len
         limit_name, max_tokens = limit
-        longest = max(lengths)
+        longest = max((n for n in lengths if n is not None), default=0)
         where = "prompt" if isinstance(body, CompletionRequest) else "messages"
         if longest >= context:
             raise APIError(400, f"This model's maximum context length is {context} tokens, and the {where} has "
@@ -254,10 +270,10 @@ class Generation:
             max_tokens = max(1, min(default or context - longest, context - longest, self.settings.max_tokens,
                                     affordable))
         elif longest + max_tokens > context:
+            counted = f" ({longest} in the {where}, {max_tokens} in the completion)" if longest else ""
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                                f"{longest + max_tokens} tokens ({longest} in the {where}, {max_tokens} in the "
-                                f"completion). Please reduce the length of the {where} or completion.",
-                           param=limit_name, code="context_length_exceeded")
+                                f"{longest + max_tokens} tokens{counted}. Please reduce the length of the {where} "
+                                f"or completion.", param=limit_name, code="context_length_exceeded")
         cost = sum(lengths) + max_tokens * n * len(lengths)
         if cost > budget:
             prompts = f" x {len(lengths)} prompts" if len(lengths) > 1 else ""
@@ -349,7 +365,8 @@ class Generation:
                 if event.logprobs:
                     logprobs = job.shape.logprobs(event.logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(e.token) for e in event.logprobs)
-                delta = job.shape.delta(index, event.text, event.finish_reason, logprobs, index not in started)
+                delta = job.shape.delta(index, event.text, event.finish_reason, event.stop_reason, logprobs,
+                                        index not in started)
                 started.add(index)
                 chunk = job.envelope([delta], chunk=True)
                 if job.include_usage:
@@ -372,6 +389,7 @@ class Generation:
 
 
 INLINE_TOKENIZE_CHARS = 16_000  # shorter prompts tokenize too fast to be worth a worker thread
+TEMPLATE_CHARS_PER_MESSAGE = 32  # what a chat template adds around a message, roughly, for that measure
 
 
 async def _validate(make_job: Any, body: SamplingFields, text_size: int) -> Job:

@@ -27,6 +27,10 @@ class ServerSettings:
     forwarded_allow_ips: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host header values accepted beyond the defaults ("*": any)
     max_body_bytes: int = 1_000_000
+    max_messages: int = 2048  # messages in one chat request, as OpenAI's API
+    # characters of one request's prompts or message contents: about 128k tokens of English,
+    # the context of the largest common models; validation's work is bounded by it
+    max_prompt_chars: int = 500_000
     max_n: int = 16  # most samples per prompt
     max_tokens: int = 4096  # most tokens per sample (the model's context bounds it further)
     # Most tokens one request may cost: its prompts' tokens plus max_tokens x n for each prompt.
@@ -42,7 +46,8 @@ class ServerSettings:
             raise ParamError(f"--port must be in [0, 65535] (0 = a free port), got {self.port}")
         if self.rate_limit is not None and not (math.isfinite(self.rate_limit) and self.rate_limit > 0):
             raise ParamError(f"--rate-limit must be a positive number of requests per second, got {self.rate_limit}")
-        for name in ("max_queue", "max_body_bytes", "max_n", "max_tokens", "max_request_tokens"):
+        for name in ("max_queue", "max_body_bytes", "max_messages", "max_prompt_chars", "max_n", "max_tokens",
+                     "max_request_tokens"):
             if getattr(self, name) < 1:
                 raise ParamError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.stream_write_timeout) and self.stream_write_timeout > 0):
@@ -106,6 +111,9 @@ SERVE = ArgTable([
     (("--stream-write-timeout",), {"type": float, "default": 30.0, "metavar": "SECONDS",
                                    "help": "cancel a streamed request whose client takes no bytes for this "
                                            "long (default 30)"}),
+    (("--max-messages",), {"type": int, "default": 2048, "help": "messages in one chat request (default 2048)"}),
+    (("--max-prompt-chars",), {"type": int, "default": 500_000,
+                               "help": "characters of one request's prompts or messages (default 500000)"}),
     (("--cors",), {"action": "append", "metavar": "ORIGIN", "help": "allow browser calls from ORIGIN (repeatable)"}),
     (("--forwarded-allow-ips",), {"action": "append", "metavar": "IP",
                                   "help": "believe X-Forwarded-For from this proxy address (repeatable; "
@@ -131,6 +139,8 @@ def settings_from_args(args: Any) -> ServerSettings:
         max_queue=args.max_queue,
         max_request_tokens=args.max_request_tokens,
         stream_write_timeout=args.stream_write_timeout,
+        max_messages=args.max_messages,
+        max_prompt_chars=args.max_prompt_chars,
         cors_origins=tuple(args.cors or ()),
         forwarded_allow_ips=tuple(args.forwarded_allow_ips or ()),
         allowed_hosts=tuple(args.allowed_host or ()),

@@ -1,12 +1,15 @@
 """The `openai` backend: any OpenAI-compatible server (vllm serve, trtllm-serve, SGLang,
 llama.cpp's and llama-cpp-python's servers, this project's own `%llm_serve`).
 
-Every sample is one streamed request (n > 1 sends n requests, sample i with seed + i), read
-over SSE with httpx; closing the event stream closes the HTTP request, which tells the
-server to stop. Stop strings are matched here with the shared StopMatcher rather than
-sent, so every server reports which stop string matched. Opening a request is retried on
+A request is one streamed HTTP request for all its samples where the server takes `n`, else
+one per sample (sample i with seed + i), read over SSE with httpx; closing the event stream
+closes the HTTP request, which tells the server to stop. Stop strings are sent where the
+server takes them (see wire.py) and matched here too with the shared StopMatcher. Opening a request is retried on
 connection failures and 429/503 (honouring Retry-After), and a circuit breaker fails
-fast for a cool-down after repeated connection failures.
+fast for a cool-down after repeated failures (connections, timeouts, 5xx answers).
+
+Errors while generating name "the upstream server", never its URL, and carry no exception
+text (they may reach the clients of this project's server); the details go to the log.
 
 Token ids: the OpenAI protocol carries text, not ids. vLLM returns ids when asked
 (`return_token_ids`) and chunks that carry `token_ids` are used as they are; otherwise a
@@ -17,6 +20,7 @@ events carry text only.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,9 +31,17 @@ import httpx
 
 from jupyter_llm.backends.base import Backend, Capabilities, check_prompt_fits
 from jupyter_llm.backends.meter import TokenMeter
-from jupyter_llm.backends.openai.resilience import CONNECTION_ERRORS, CircuitBreaker, RetryPolicy, send_with_retries
+from jupyter_llm.backends.openai.resilience import (
+    CONNECTION_ERRORS,
+    UPSTREAM,
+    CircuitBreaker,
+    RetryPolicy,
+    error_text,
+    send_with_retries,
+)
 from jupyter_llm.backends.openai.wire import (
     DIALECTS,
+    SERVER_SIDE_N,
     TOKEN_ID_OWNERS,
     Delta,
     capabilities_for,
@@ -48,6 +60,7 @@ from jupyter_llm.output import StopMatcher
 from jupyter_llm.schema import GenerationRequest, Message, TokenEvent, TokenLogprob
 from jupyter_llm.tokenizers import Tokenizer, load_gguf_tokenizer, load_tokenizer
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 131072  # when neither the server nor --max-model-len says
 _FINISH = {"length": "length", "abort": "cancelled", "cancelled": "cancelled"}
 
@@ -63,7 +76,7 @@ class OpenAIOptions(BackendOptions):
     connect_timeout: float = 10.0
     read_timeout: float = 300.0  # most seconds between two chunks of a stream
     max_retries: int = 3
-    breaker_threshold: int = 5  # consecutive connection failures that open the circuit
+    breaker_threshold: int = 5  # consecutive failures (connections, timeouts, 5xx) that open the circuit
     breaker_cooldown: float = 30.0  # seconds it stays open
 
 
@@ -132,7 +145,9 @@ class OpenAIBackend(Backend):
             raise BackendError(f"cannot reach {self.url} ({type(error).__name__}: {error}); is the server "
                                f"running? (--url)") from None
         if response.status_code != 200:
-            raise refusal_error(response.status_code, error_message(response.content), self.url)
+            message = error_message(response.content)
+            log.warning("%s/models answered HTTP %d: %s", self.url, response.status_code, message)
+            raise refusal_error(response.status_code, message, self.url)
         cards = [c for c in response.json().get("data", []) if isinstance(c, dict) and c.get("id")]
         if not cards:
             raise BackendError(f"{self.url}/models lists no model")
@@ -179,13 +194,18 @@ class OpenAIBackend(Backend):
         super().check_request(request)
         refused = refusals(request.params, self.dialect, bool(self.eos_token_ids))
         if refused:
-            raise ParamError(f"backend 'openai' ({self.dialect} dialect at {self.url}) does not support "
+            raise ParamError(f"backend 'openai' ({self.dialect} dialect) does not support "
                              f"{', '.join(refused)}")
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        if self.tokenizer is not None:  # the ids _local_prompt_tokens counts
-            return self.tokenizer.prompt_ids(request)
-        return super().prompt_ids(request)
+    def prompt_ids(self, request: GenerationRequest) -> list[int] | None:
+        """The local tokenizer's ids (those _local_prompt_tokens counts); without one, None: the
+        server counts the prompt and applies its own chat template (asking it to tokenize first
+        would cost a round trip per request, and no server tokenizes chat for llama-cpp-python)."""
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        if self.tokenizer is None or (request.is_chat and not self.tokenizer.has_chat_template):
+            return None
+        return self.tokenizer.prompt_ids(request)
 
     def _local_prompt_tokens(self, request: GenerationRequest) -> int | None:
         """The prompt's length by the local tokenizer (None without one); refuses what cannot fit."""
@@ -200,10 +220,13 @@ class OpenAIBackend(Backend):
         if self.client is None:
             raise BackendError("the openai backend is not started")
         prompt_tokens = self._local_prompt_tokens(request)
+        n = request.params.n
+        # One request for every sample where the server takes n (the prompt is processed and
+        # billed once), else one request per sample.
+        groups = [range(n)] if self.dialect in SERVER_SIDE_N else [range(i, i + 1) for i in range(n)]
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._sample(request, i, prompt_tokens, queue))
-                 for i in range(request.params.n)]
-        remaining = len(tasks)
+        tasks = [asyncio.ensure_future(self._stream(request, samples, prompt_tokens, queue)) for samples in groups]
+        remaining = n
         try:
             while remaining:
                 item = await queue.get()
@@ -217,15 +240,16 @@ class OpenAIBackend(Backend):
                 task.cancel()  # closes their HTTP streams
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _open(self, request: GenerationRequest, index: int, prompt_tokens: int | None) -> httpx.Response:
+    async def _open(self, request: GenerationRequest, samples: range, prompt_tokens: int | None) -> httpx.Response:
         p = request.params
         max_tokens = p.max_tokens
         if prompt_tokens is not None and self._max_model_len_known:
             # As in-process backends do, a sample ends ("length") where the context ends, rather
             # than the server refusing max_tokens past it.
             max_tokens = max(1, min(max_tokens, self.max_model_len - prompt_tokens))
-        path, body = request_body(request, self.model_name, self.dialect,
-                                  seed=None if p.seed is None else p.seed + index, max_tokens=max_tokens,
+        # Sample i of a seeded request uses seed + i, as vLLM seeds the samples of one request.
+        path, body = request_body(request, self.model_name, self.dialect, n=len(samples),
+                                  seed=None if p.seed is None else p.seed + samples.start, max_tokens=max_tokens,
                                   eos_ids=self.eos_token_ids, token_ids=self._token_ids_from_server)
         assert self.client is not None
         client = self.client
@@ -239,43 +263,53 @@ class OpenAIBackend(Backend):
         if response.status_code != 200:
             message = error_message(await response.aread())
             await response.aclose()
-            raise refusal_error(response.status_code, message, self.url,
+            log.warning("%s%s answered HTTP %d: %s", self.url, path, response.status_code, message)
+            raise refusal_error(response.status_code, message, UPSTREAM,
                                 self.max_model_len if self._max_model_len_known else None,
                                 response.headers.get("retry-after"))
         return response
 
-    async def _sample(self, request: GenerationRequest, index: int, prompt_tokens: int | None,
+    async def _stream(self, request: GenerationRequest, samples: range, prompt_tokens: int | None,
                       queue: asyncio.Queue) -> None:
-        """Stream one sample into `queue`: its events, or an exception if it could not start."""
-        self.meter.started()
+        """Stream the samples of one HTTP request into `queue`: their events, or an exception if
+        it could not start."""
+        for _ in samples:
+            self.meter.started()
         try:
             try:
-                response = await self._open(request, index, prompt_tokens)
+                response = await self._open(request, samples, prompt_tokens)
             except Exception as error:  # noqa: BLE001 (the reader raises it in the request's stream)
                 self.errors += 1
                 queue.put_nowait(error)
                 return
-            reader = _SampleReader(self, request, index, prompt_tokens)
+            reader = _StreamReader(self, request, samples, prompt_tokens)
             try:
                 async for line in response.aiter_lines():
                     for event in reader.feed(line):
                         queue.put_nowait(event)
                     if reader.done:
-                        return  # a stop string matched, or the server finished: closing ends the request
-                queue.put_nowait(reader.finish(None))
+                        return  # stop strings matched, or the server finished: closing ends the request
+                for event in reader.finish(None):
+                    queue.put_nowait(event)
             except (httpx.TimeoutException, *CONNECTION_ERRORS) as error:
                 self.errors += 1
-                message = f"the connection to {self.url} failed mid-stream ({type(error).__name__}: {error})"
-                if not isinstance(error, httpx.TimeoutException):
-                    self.breaker.record_failure(message)
-                queue.put_nowait(reader.finish("error", message))
+                detail = f"{self.url}: {error_text(error)}"
+                log.warning("the stream from %s failed: %s", self.url, error_text(error))
+                self.breaker.record_failure(detail)
+                failed = "sent nothing within the read timeout" if isinstance(error, httpx.TimeoutException) \
+                    else "broke the connection"
+                for event in reader.finish("error", f"{UPSTREAM} {failed} mid-stream"):
+                    queue.put_nowait(event)
             except ValueError as error:  # a chunk that is not the OpenAI shape
                 self.errors += 1
-                queue.put_nowait(reader.finish("error", f"{self.url} sent an unreadable chunk: {error}"))
+                log.warning("%s sent an unreadable chunk: %s", self.url, error)
+                for event in reader.finish("error", f"{UPSTREAM} sent a chunk that is not OpenAI's shape"):
+                    queue.put_nowait(event)
             finally:
                 await response.aclose()
         finally:
-            self.meter.finished()
+            for _ in samples:
+                self.meter.finished()
 
     def stats(self) -> dict[str, Any]:
         return {"running": self.meter.running, "waiting": 0, "tokens_per_s": self.meter.tokens_per_s(),
@@ -320,37 +354,63 @@ class OpenAIBackend(Backend):
         return ids[0] if len(ids) == 1 else -1
 
 
-class _SampleReader:
-    """Turns the SSE lines of one sample into TokenEvents: ids, logprobs, stop strings, finish."""
+class _StreamReader:
+    """Turns the SSE lines of one HTTP request into the TokenEvents of its samples: each choice's
+    delta goes to its sample's reader; [DONE], an error event or a broken stream ends them all."""
 
-    def __init__(self, backend: OpenAIBackend, request: GenerationRequest, index: int, prompt_tokens: int | None):
+    def __init__(self, backend: OpenAIBackend, request: GenerationRequest, samples: range,
+                 prompt_tokens: int | None):
         self.backend = backend
-        self.request_id = request.id
-        self.index = index
         self.chat = request.is_chat
         self.top = request.params.logprobs or 0
-        self.stops = StopMatcher(request.params.stop)
-        self.prompt_tokens = prompt_tokens
-        self.server_finish: str | None = None
-        self.done = False
+        self.samples = [_SampleReader(backend, request, i, prompt_tokens) for i in samples]
+
+    @property
+    def done(self) -> bool:
+        return all(sample.done for sample in self.samples)
 
     def feed(self, line: str) -> list[TokenEvent]:
         payload = sse_payload(line)
         if payload is None:
             return []
         if payload == "[DONE]":
-            return [self.finish(self.server_finish or "stop")]
+            return [s.finish(s.server_finish or "stop") for s in self.samples if not s.done]
         if "error" in payload and not payload.get("choices"):  # an error in the middle of a stream
             error = payload["error"]
-            message = error.get("message", error) if isinstance(error, dict) else error
-            return [self.finish("error", f"{self.backend.url}: {message}")]
-        delta, prompt_tokens = parse_chunk(payload, self.chat, self.top)
+            log.warning("%s sent an error mid-stream: %s", self.backend.url,
+                        error.get("message", error) if isinstance(error, dict) else error)
+            return self.finish("error", f"{UPSTREAM} failed mid-stream")
+        choices, prompt_tokens = parse_chunk(payload, self.chat, self.top)
         if prompt_tokens is not None:
-            self.prompt_tokens = prompt_tokens
-        if delta is None:
-            return []
+            for sample in self.samples:
+                sample.prompt_tokens = prompt_tokens
+        events = []
+        for index, delta in choices:  # the server numbers this request's choices from 0
+            if 0 <= index < len(self.samples) and not self.samples[index].done:
+                events += self.samples[index].feed(delta)
+        return events
+
+    def finish(self, reason: str | None, error: str | None = None) -> list[TokenEvent]:
+        return [sample.finish(reason, error) for sample in self.samples if not sample.done]
+
+
+class _SampleReader:
+    """The deltas of one sample as TokenEvents: ids, logprobs, stop strings, finish."""
+
+    def __init__(self, backend: OpenAIBackend, request: GenerationRequest, index: int, prompt_tokens: int | None):
+        self.backend = backend
+        self.request_id = request.id
+        self.index = index
+        self.stops = StopMatcher(request.params.stop)
+        self.prompt_tokens = prompt_tokens
+        self.server_finish: str | None = None
+        self.server_stop: str | None = None  # the stop string the server stopped at, when it says
+        self.done = False
+
+    def feed(self, delta: Delta) -> list[TokenEvent]:
         if delta.finish_reason:
             self.server_finish = _FINISH.get(delta.finish_reason, "stop")
+            self.server_stop = delta.stop_reason
         return self._token_event(delta)
 
     def _token_event(self, delta: Delta) -> list[TokenEvent]:
@@ -390,7 +450,10 @@ class _SampleReader:
         if reason is None:  # the stream ended without [DONE]
             reason = self.server_finish or "error"
             if reason == "error":
-                event.error = f"{self.backend.url} closed the stream before the end of the answer"
+                log.warning("%s closed the stream before the end of the answer", self.backend.url)
+                event.error = f"{UPSTREAM} closed the stream before the end of the answer"
+        if reason == "stop":
+            event.stop_reason = self.server_stop
         self._finish_event(event, reason)
         return event
 

@@ -7,7 +7,14 @@ A dialect is the set of fields a family of servers understands beyond OpenAI's o
   llamacpp  llama-cpp-python's and llama.cpp's servers: top_k, min_p, repeat_penalty
             (their defaults are not "off", so every field is always sent); ignore_eos
             becomes a logit bias against the end-of-sequence ids
-  openai    OpenAI's API: only its own fields; the others are refused before sending
+  openai    OpenAI's API: only its own fields; the others are refused before sending;
+            max_completion_tokens for chat (its reasoning models refuse max_tokens)
+
+vLLM's and OpenAI's servers sample `n` in one request (the prompt is processed and billed
+once) and stop at the stop strings sent to them (vLLM says which one matched, in
+`stop_reason`). llama-cpp-python ignores `n` and drops a stop string without saying which
+one matched: it gets one request per sample, and its stop strings are matched here only
+(it serves one request at a time, and closing the request stops it).
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jupyter_llm.backends.base import Capabilities
-from jupyter_llm.backends.openai.resilience import retry_after_seconds
+from jupyter_llm.backends.openai.resilience import UPSTREAM, retry_after_seconds
 from jupyter_llm.errors import BackendError, ParamError, UpstreamBusy
 from jupyter_llm.schema import GenerationRequest, SamplingParams
 
@@ -27,6 +34,7 @@ _OWNERS = {"me": "llamacpp", "llamacpp": "llamacpp", "llama.cpp": "llamacpp",
            "openai": "openai", "system": "openai", "openai-internal": "openai"}
 # Servers asked for generated token ids (`return_token_ids`: vLLM 0.10.2+; others ignore it).
 TOKEN_ID_OWNERS = ("vllm", "jupyter-llm")
+SERVER_SIDE_N = ("vllm", "openai")  # dialects whose servers take n and stop strings
 _CONTEXT_ERROR = re.compile(r"context (length|window)|maximum context|max_model_len|too long|exceed", re.IGNORECASE)
 
 
@@ -54,19 +62,22 @@ def refusals(params: SamplingParams, dialect: str, eos_known: bool) -> list[str]
     return refused
 
 
-def request_body(request: GenerationRequest, model: str, dialect: str, *, seed: int | None,
+def request_body(request: GenerationRequest, model: str, dialect: str, *, seed: int | None, n: int = 1,
                  max_tokens: int | None = None, eos_ids: frozenset[int] = frozenset(),
                  token_ids: bool = False) -> tuple[str, dict[str, Any]]:
-    """(path, JSON body) of one streamed sample (n = 1) of `request`; `max_tokens` overrides
-    the request's (the backend caps it at what the context leaves).
-
-    Stop strings are not sent: the backend matches them itself with the shared StopMatcher,
-    so that every server reports which one matched.
+    """(path, JSON body) of one streamed request for `n` samples of `request` (n > 1 only for
+    SERVER_SIDE_N dialects); `max_tokens` overrides the request's (the backend caps it at what
+    the context leaves). The backend matches stop strings too, whether they are sent or not.
     """
     p = request.params
+    limit = "max_completion_tokens" if dialect == "openai" and request.is_chat else "max_tokens"
     body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True},
-                            "max_tokens": max_tokens or p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                            limit: max_tokens or p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
                             "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty}
+    if n > 1:
+        body["n"] = n
+    if p.stop and dialect in SERVER_SIDE_N:
+        body["stop"] = list(p.stop)
     if seed is not None:
         body["seed"] = seed
     if dialect == "vllm":
@@ -101,15 +112,17 @@ class Delta:
     token_ids: list[int] | None = None  # only when the server reports them
     logprobs: list[RawLogprob] | None = None
     finish_reason: str | None = None
+    stop_reason: str | None = None  # the stop string that ended it, when the server says (vLLM)
 
 
-def parse_chunk(payload: dict[str, Any], chat: bool, top: int) -> tuple[Delta | None, int | None]:
-    """(the first choice's delta or None, prompt tokens from usage or None)."""
+def parse_chunk(payload: dict[str, Any], chat: bool, top: int) -> tuple[list[tuple[int, Delta]], int | None]:
+    """([(choice index, its delta)], prompt tokens from usage or None)."""
     usage = payload.get("usage") or {}
-    choices = payload.get("choices") or []
-    if not choices:
-        return None, usage.get("prompt_tokens")
-    choice = choices[0]
+    return [(int(choice.get("index") or 0), _delta(choice, chat, top)) for choice in payload.get("choices") or []], \
+        usage.get("prompt_tokens")
+
+
+def _delta(choice: dict[str, Any], chat: bool, top: int) -> Delta:
     if chat:
         text = (choice.get("delta") or choice.get("message") or {}).get("content") or ""
     else:
@@ -117,8 +130,9 @@ def parse_chunk(payload: dict[str, Any], chat: bool, top: int) -> tuple[Delta | 
     raw = choice.get("logprobs")
     logprobs = (_chat_logprobs(raw, top) if chat else _completion_logprobs(raw, top)) if raw else None
     ids = choice.get("token_ids")
-    return Delta(text, list(ids) if ids is not None else None, logprobs, choice.get("finish_reason")), \
-        usage.get("prompt_tokens")
+    stop = choice.get("stop_reason")  # vLLM: the stop string, or the id of a stop token
+    return Delta(text, list(ids) if ids is not None else None, logprobs, choice.get("finish_reason"),
+                 stop if isinstance(stop, str) else None)
 
 
 def _best(alternatives: list[tuple[str, float]], top: int) -> list[tuple[str, float]]:
@@ -171,17 +185,17 @@ def error_message(body: bytes | str) -> str:
     return text.strip()[:500]
 
 
-def refusal_error(status: int, message: str, target: str, max_model_len: int | None = None,
+def refusal_error(status: int, message: str, target: str = UPSTREAM, max_model_len: int | None = None,
                   retry_after: str | None = None) -> Exception:
     """The error to raise for a non-2xx answer: ParamError for a refused request, UpstreamBusy (with
-    the answer's Retry-After header, parsed) for overload, else BackendError."""
+    the answer's Retry-After header, parsed) for overload, else BackendError. Only a refused
+    request's error repeats the server's `message` (it says what to mend); the caller logs it."""
     if status in (401, 403):
-        return BackendError(f"{target} refused the API key (HTTP {status}): {message}; "
-                            f"give --api-key or --api-key-env")
+        return BackendError(f"{target} refused the API key (HTTP {status}); give --api-key or --api-key-env")
     if status == 404:
-        return BackendError(f"{target}: not found (HTTP 404): {message}; check --url and --model")
+        return BackendError(f"{target}: not found (HTTP 404); check --url and --model")
     if status in (429, 503):
-        return UpstreamBusy(f"{target} is busy (HTTP {status}) and retries did not help: {message}",
+        return UpstreamBusy(f"{target} is busy (HTTP {status}) and retries did not help",
                             retry_after_seconds(retry_after))
     if 400 <= status < 500:
         if _CONTEXT_ERROR.search(message):
@@ -189,4 +203,4 @@ def refusal_error(status: int, message: str, target: str, max_model_len: int | N
                 " (set --max-model-len to check prompts before sending them)"
             return ParamError(f"the prompt does not fit the server's context{known}: {message}")
         return ParamError(f"{target} refused the request (HTTP {status}): {message}")
-    return BackendError(f"{target} failed (HTTP {status}): {message}")
+    return BackendError(f"{target} failed (HTTP {status})")

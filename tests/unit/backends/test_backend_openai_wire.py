@@ -23,14 +23,36 @@ FULL = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0
 
 
 def test_every_sampling_field_reaches_a_vllm_server():
-    path, body = request_body(GenerationRequest(prompt="hi", params=FULL), "m", "vllm", seed=4, token_ids=True)
+    path, body = request_body(GenerationRequest(prompt="hi", params=FULL), "m", "vllm", n=2, seed=4,
+                              token_ids=True)
     assert path == "/completions"
     assert body == {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 7,
                     "temperature": 0.5, "top_p": 0.9, "presence_penalty": 0.3, "frequency_penalty": 0.4,
-                    "seed": 4, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "ignore_eos": True,
-                    "return_token_ids": True, "prompt": "hi", "logprobs": 2}
-    # n is sent as n requests (seed + i), stop strings are matched by the backend itself
+                    "n": 2, "stop": ["x"], "seed": 4, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2,
+                    "ignore_eos": True, "return_token_ids": True, "prompt": "hi", "logprobs": 2}
+
+
+def test_n_and_stop_strings_go_to_the_servers_that_honour_them():
+    for dialect in ("vllm", "openai"):
+        _, body = request_body(GenerationRequest(prompt="hi", params=FULL), "m", dialect, n=2, seed=None)
+        assert body["n"] == 2 and body["stop"] == ["x"], dialect
+    # llama-cpp-python ignores n (one request per sample) and drops a stop string without saying
+    # which one matched (they are matched here, and closing the request stops it)
+    _, body = request_body(GenerationRequest(prompt="hi", params=FULL), "m", "llamacpp", n=1, seed=None)
     assert "n" not in body and "stop" not in body
+    _, single = request_body(GenerationRequest(prompt="hi"), "m", "vllm", seed=None)
+    assert "n" not in single and "stop" not in single
+
+
+def test_openai_dialect_chat_sends_max_completion_tokens():
+    chat = GenerationRequest(messages=[{"role": "user", "content": "hi"}], params=SamplingParams(max_tokens=9))
+    _, body = request_body(chat, "m", "openai", seed=None)
+    assert body["max_completion_tokens"] == 9 and "max_tokens" not in body  # reasoning models refuse max_tokens
+    _, legacy = request_body(GenerationRequest(prompt="hi", params=SamplingParams(max_tokens=9)), "m", "openai",
+                             seed=None)
+    assert legacy["max_tokens"] == 9  # /v1/completions knows only max_tokens
+    _, vllm = request_body(chat, "m", "vllm", seed=None)
+    assert vllm["max_tokens"] == 9
 
 
 def test_vllm_dialect_disables_top_k_with_minus_one():
@@ -81,8 +103,8 @@ def test_completion_chunk_with_logprobs():
     payload = {"choices": [{"index": 0, "text": " Paris", "finish_reason": None,
                             "logprobs": {"tokens": [" Paris"], "token_logprobs": [-0.1],
                                          "top_logprobs": [{" London": -3.0, " Paris": -0.1, " Rome": -2.0}]}}]}
-    delta, prompt_tokens = parse_chunk(payload, chat=False, top=2)
-    assert delta.text == " Paris" and delta.token_ids is None and prompt_tokens is None
+    [(index, delta)], prompt_tokens = parse_chunk(payload, chat=False, top=2)
+    assert index == 0 and delta.text == " Paris" and delta.token_ids is None and prompt_tokens is None
     assert delta.logprobs == [(" Paris", -0.1, [(" Paris", -0.1), (" Rome", -2.0)])]
 
 
@@ -91,10 +113,18 @@ def test_chat_chunk_with_logprobs_ids_and_usage():
                             "logprobs": {"content": [{"token": "Hi", "logprob": -0.5, "top_logprobs": [
                                 {"token": "Yo", "logprob": -1.5}, {"token": "Hi", "logprob": -0.5}]}]}}],
                "usage": {"prompt_tokens": 9}}
-    delta, prompt_tokens = parse_chunk(payload, chat=True, top=1)
+    [(_, delta)], prompt_tokens = parse_chunk(payload, chat=True, top=1)
     assert (delta.text, delta.token_ids, delta.finish_reason, prompt_tokens) == ("Hi", [5], "length", 9)
     assert delta.logprobs == [("Hi", -0.5, [("Hi", -0.5)])]
-    assert parse_chunk({"choices": [], "usage": {"prompt_tokens": 4}}, chat=True, top=0) == (None, 4)
+    assert parse_chunk({"choices": [], "usage": {"prompt_tokens": 4}}, chat=True, top=0) == ([], 4)
+
+
+def test_a_chunk_of_several_choices_and_the_stop_string_that_matched():
+    payload = {"choices": [{"index": 1, "text": " b", "finish_reason": "stop", "stop_reason": "."},
+                           {"index": 0, "text": " a", "finish_reason": None},
+                           {"index": 2, "text": "", "finish_reason": "stop", "stop_reason": 2}]}
+    deltas, _ = parse_chunk(payload, chat=False, top=0)
+    assert [(i, d.text, d.stop_reason) for i, d in deltas] == [(1, " b", "."), (0, " a", None), (2, "", None)]
 
 
 def test_sse_lines():
@@ -123,6 +153,15 @@ def test_refusals_become_clear_errors():
     assert "--api-key" in str(refusal_error(401, "no", "U"))
     for status in (404, 429, 500, 503):
         assert isinstance(refusal_error(status, "x", "U"), BackendError)
+
+
+def test_only_a_refused_request_repeats_the_servers_message():
+    """The server's own words for a failure (an internal error, its rate limits) go to the log only."""
+    secret = "worker 3 at /opt/models/llama died"
+    for status in (401, 403, 404, 429, 500, 502, 503):
+        error = refusal_error(status, secret)
+        assert secret not in str(error) and str(error).startswith("the upstream server"), status
+    assert "top_k must be positive" in str(refusal_error(400, "top_k must be positive"))
 
 
 def test_urls():

@@ -45,10 +45,10 @@ def test_breaker_opens_after_the_threshold_and_half_opens_after_the_cooldown():
     breaker.record_failure("refused")
     assert breaker.state == "open" and "retrying in 10 s" in breaker.describe()
     with pytest.raises(CircuitOpenError, match="Failing fast"):
-        breaker.check("http://x")
+        breaker.admit()
     clock.now = 10.5
     assert breaker.state == "half-open"
-    breaker.check("http://x")  # let through
+    assert breaker.admit() is True  # let through: the trial
     breaker.record_failure("refused again")  # the trial failed: open again at once
     assert breaker.state == "open"
     clock.now = 21
@@ -94,8 +94,9 @@ def test_connection_failures_retry_then_fail_clearly():
     refused = httpx.ConnectError("connection refused")
     result, _calls = run_sends([refused, response(200)])
     assert result.status_code == 200
-    with pytest.raises(BackendError, match="cannot reach http://x .*after 4 attempt"):
+    with pytest.raises(BackendError, match="cannot reach the upstream server after 4 attempt") as raised:
         run_sends([refused] * 4)
+    assert "http://x" not in str(raised.value) and "refused" not in str(raised.value)  # the log's, not the client's
 
 
 def test_the_breaker_stops_retries_and_then_fails_fast():
@@ -105,3 +106,72 @@ def test_the_breaker_stops_retries_and_then_fails_fast():
         run_sends([refused] * 4, breaker=breaker)
     with pytest.raises(CircuitOpenError):
         run_sends([response(200)], breaker=breaker)
+
+
+def test_half_open_lets_one_trial_through_and_fails_the_others_fast():
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=10, clock=clock)
+    breaker.record_failure("refused")
+    clock.now = 11
+    assert breaker.admit() is True  # the trial
+    with pytest.raises(CircuitOpenError, match="trial"):
+        breaker.admit()
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.admit() is False
+
+
+def test_a_trial_that_ends_without_an_answer_frees_the_slot():
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=10, clock=clock)
+    breaker.record_failure("refused")
+    clock.now = 11
+
+    async def cancelled():
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(send_with_retries(cancelled, FAST, breaker, "http://x"))
+    assert breaker.state == "half-open" and breaker.admit() is True  # the next request is the trial
+
+
+def test_concurrent_requests_in_half_open_send_one_trial():
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=10, clock=clock)
+    breaker.record_failure("refused")
+    clock.now = 11
+    sent = []
+
+    async def slow_send():
+        sent.append(1)
+        await asyncio.sleep(0.05)
+        return response(200)
+
+    async def both():
+        return await asyncio.gather(*(send_with_retries(slow_send, FAST, breaker, "http://x") for _ in range(3)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(both())
+    assert len(sent) == 1 and breaker.state == "closed"
+    assert sum(isinstance(r, CircuitOpenError) for r in results) == 2
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_server_errors_count_towards_opening(status):
+    breaker = CircuitBreaker(threshold=2, cooldown=60)
+    for _ in range(2):
+        result, _calls = run_sends([response(status)], breaker=breaker)
+        assert result.status_code == status  # handed back, not retried
+    assert breaker.state == "open"
+
+
+def test_a_client_error_is_an_answer_not_a_failure():
+    breaker = CircuitBreaker(threshold=1, cooldown=60)
+    run_sends([response(400)], breaker=breaker)
+    assert breaker.state == "closed"
+
+
+def test_a_read_timeout_while_opening_counts_and_is_a_clear_error():
+    breaker = CircuitBreaker(threshold=1, cooldown=60)
+    with pytest.raises(BackendError, match="did not answer"):
+        run_sends([httpx.ReadTimeout("timed out")], breaker=breaker)
+    assert breaker.state == "open"

@@ -105,6 +105,9 @@ def test_stop_string_ends_the_text_before_it(client):
     choice = out["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["text"] == text[:text.index(stop)]
     assert choice["stop_reason"] == stop
+    *_, last = [e for e in stream(client, "/v1/completions", prompt="Hello", max_tokens=20, seed=11,
+                                  ignore_eos=True, stop=[stop]) if e != "[DONE]"]
+    assert last["choices"][0]["finish_reason"] == "stop" and last["choices"][0]["stop_reason"] == stop  # as vLLM
 
 
 def test_seed_reproduces_and_other_seeds_differ(client):
