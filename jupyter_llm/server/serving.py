@@ -3,11 +3,10 @@
 Everything that can be refused is refused before a byte of the answer goes out: the size
 (--max-messages, --max-prompt-chars), the model, the sampling parameters, the context length
 (tokenized with the backend's tokenizer, once, off the event loop for long requests: the
-prompt ids travel down with the request; a backend that forwards text to a server that counts
-it, as the openai backend without a local tokenizer, leaves that check to the server), the
-backend's capabilities (checked once, by `Backend.prepare`), the request's token budget
-(prompt + max_tokens x n, --max-request-tokens), and admission (the manager's bound on samples,
-which --max-queue sets). A stream starts once its first event arrived, so that even errors
+prompt ids travel down with the request; the openai backend without a local tokenizer leaves
+that check to its server), the backend's capabilities (checked once, by `Backend.prepare`),
+the request's token budget (prompt + max_tokens x n, --max-request-tokens), and admission (the
+manager's bound on samples, which --max-queue sets). A stream starts once its first event arrived, so that even errors
 raised inside the backend get a proper status code. A client that goes away cancels its
 requests inside the backend (sse-starlette notices it while streaming; a watcher on `receive`
 notices it otherwise), and so does one that stops reading a stream for --stream-write-timeout
@@ -265,19 +264,20 @@ class Generation:
                                 f"{longest} tokens. Please reduce the length of the {where}.",
                            param=where, code="context_length_exceeded")
         n, budget = body.n or 1, self.settings.max_request_tokens
+        counted = sum(k for k in lengths if k is not None)  # prompts not counted here cost the upstream's
         if max_tokens is None:  # the default stays inside the request's token budget too
-            affordable = (budget - sum(lengths)) // (n * len(lengths))
+            affordable = (budget - counted) // (n * len(lengths))
             max_tokens = max(1, min(default or context - longest, context - longest, self.settings.max_tokens,
                                     affordable))
         elif longest + max_tokens > context:
-            counted = f" ({longest} in the {where}, {max_tokens} in the completion)" if longest else ""
+            parts = f" ({longest} in the {where}, {max_tokens} in the completion)" if longest else ""
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                                f"{longest + max_tokens} tokens{counted}. Please reduce the length of the {where} "
+                                f"{longest + max_tokens} tokens{parts}. Please reduce the length of the {where} "
                                 f"or completion.", param=limit_name, code="context_length_exceeded")
-        cost = sum(lengths) + max_tokens * n * len(lengths)
+        cost = counted + max_tokens * n * len(lengths)
         if cost > budget:
             prompts = f" x {len(lengths)} prompts" if len(lengths) > 1 else ""
-            raise APIError(400, f"This request would cost {cost} tokens ({sum(lengths)} in the {where}, {max_tokens} "
+            raise APIError(400, f"This request would cost {cost} tokens ({counted} in the {where}, {max_tokens} "
                                 f"max_tokens x n {n}{prompts} in the completions); this server allows at most "
                                 f"{budget} tokens per request. Please lower max_tokens, n or the number of prompts.",
                            param=limit_name if max_tokens > 1 else where, code="request_too_large")

@@ -18,7 +18,9 @@ def test_streaming_arrives_token_by_token(manager, backend):
     stream = manager.stream("Once upon a time", GREEDY, backend=backend)
     events = list(stream)
     token_events = [e for e in events if e.token_ids]
-    assert len(token_events) == 12 and events[-1].finish_reason == "length"
+    # a consumer that lags gets the tokens since its last read in one event (event_mailbox.py)
+    assert len(token_events) > 1 and sum(len(e.token_ids) for e in token_events) == 12
+    assert events[-1].finish_reason == "length"
     completion = stream.completions[0]
     assert "".join(e.text for e in events) == completion.text
     assert completion.token_ids == [t for e in events for t in e.token_ids]
