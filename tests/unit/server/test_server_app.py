@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from jupyter_llm.manager import EngineManager
-from manager_helpers import load_keeping_default
+from manager_helpers import load_keeping_default, manager_with
 from server_helpers import assert_openai_error, metric, running_server, sse_data, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -270,13 +270,8 @@ def test_a_client_that_leaves_before_a_whole_answer_cancels_it(server):
 @pytest.fixture
 def fake(monkeypatch):
     """A fresh manager with the scripted backend loaded as 'fake'."""
-    from jupyter_llm import backends
-
-    monkeypatch.setitem(backends.BUILTIN, "fake", "server_fake_backend:FakeBackend")
-    fresh = EngineManager()
-    fresh.load("fake", progress=False)
-    yield fresh
-    fresh.shutdown()
+    with manager_with(monkeypatch, "fake", "server_fake_backend:FakeBackend") as fresh:
+        yield fresh
 
 
 def test_a_failing_request_gets_an_error_and_the_others_are_unaffected(fake):

@@ -7,8 +7,8 @@ import pytest
 
 from jupyter_llm.cli import parse
 from jupyter_llm.errors import ParamError
-from jupyter_llm.manager import EngineManager
 from jupyter_llm.server.settings import ServerSettings, settings_from_args
+from manager_helpers import manager_with
 from server_fake_backend import FakeBackend
 from server_helpers import assert_openai_error, running_server
 
@@ -33,13 +33,8 @@ class ThreadRecordingBackend(FakeBackend):
 
 @pytest.fixture
 def recording(monkeypatch):
-    from jupyter_llm import backends
-
-    monkeypatch.setitem(backends.BUILTIN, "recording", "test_server_limits:ThreadRecordingBackend")
-    fresh = EngineManager()
-    fresh.load("recording", progress=False)
-    yield fresh
-    fresh.shutdown()
+    with manager_with(monkeypatch, "recording", "test_server_limits:ThreadRecordingBackend") as fresh:
+        yield fresh
 
 
 def chat(url: str, messages: list[dict], **body) -> httpx.Response:
