@@ -126,18 +126,21 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k, int64_t gro
 
 #ifdef __AVX2__
 // The integer sums of one group and the tile's four columns, before the pair is combined.
-// Q4_1: [c0 c0 c2 c2 | c1 c1 c3 c3] (two partial sums each); Q8_0: [c0 c1 c2 c3 | c0 c1 c2 c3]
-// (the group's first and second sixteen values).
+// Q4_1: int16 [c0 x4, c2 x4 | c1 x4, c3 x4] (four partial sums each, <= 8 * 15 * 127 = 15,240:
+// exact); Q8_0: int32 [c0 c1 c2 c3 | c0 c1 c2 c3] (the group's first and second sixteen values).
 inline __m256i q4_group_sums(__m256i lo01, __m256i hi01, __m256i lo23, __m256i hi23, const int8_t* x) {
-  const __m256i ones = _mm256_set1_epi16(1);
   const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
   const __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16)));
-  // |sum| <= 2 * (2 * 15 * 127): the int16 additions cannot saturate.
-  const __m256i s01 = _mm256_madd_epi16(
-      _mm256_add_epi16(_mm256_maddubs_epi16(lo01, xlo), _mm256_maddubs_epi16(hi01, xhi)), ones);
-  const __m256i s23 = _mm256_madd_epi16(
-      _mm256_add_epi16(_mm256_maddubs_epi16(lo23, xlo), _mm256_maddubs_epi16(hi23, xhi)), ones);
-  return _mm256_hadd_epi32(s01, s23);
+  const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(lo01, xlo), _mm256_maddubs_epi16(hi01, xhi));
+  const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(lo23, xlo), _mm256_maddubs_epi16(hi23, xhi));
+  return _mm256_hadd_epi16(s01, s23);
+}
+
+// A Q4_1 pair's eight int32 sums in lane order from its groups' int16 partial sums: one more
+// int16 level (<= 16 * 15 * 127 = 30,480: still exact), then one madd. Integer additions in
+// place of multiplies: Zen's one vector multiply port bounds these kernels.
+inline __m256i q4_pair_sums(__m256i even, __m256i odd) {
+  return _mm256_madd_epi16(_mm256_hadd_epi16(even, odd), _mm256_set1_epi16(1));
 }
 
 inline __m256i q8_column_sums(__m256i w, __m256i x) {
@@ -168,38 +171,44 @@ void tile_dots(const QuantizedRows& x, int64_t r0, const PackedMatrix& w, int64_
   __m256 acc[R], acc_min[R];
   for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm256_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
-    __m256i sums[R][2];
+    const __m256 scale = load_halves(ws + p * 8);
+    const __m256 minimum = Q4 ? load_halves(wm + p * 8) : _mm256_setzero_ps();
+    __m256i first[R];  // the even group's sums, until the odd group's join them
     for (int e = 0; e < 2; ++e) {
       const int64_t g = 2 * p + e;
+      __m256i wv[kTileN];
       if (Q4) {
         const uint8_t* wg = wq + g * 64;
         const __m256i v01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg));
         const __m256i v23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32));
-        const __m256i lo01 = _mm256_and_si256(v01, mask), hi01 = _mm256_and_si256(_mm256_srli_epi16(v01, 4), mask);
-        const __m256i lo23 = _mm256_and_si256(v23, mask), hi23 = _mm256_and_si256(_mm256_srli_epi16(v23, 4), mask);
-        for (int r = 0; r < R; ++r)
-          sums[r][e] = q4_group_sums(lo01, hi01, lo23, hi23, x.q.data() + (r0 + r) * width + g * kGroup);
+        wv[0] = _mm256_and_si256(v01, mask), wv[1] = _mm256_and_si256(_mm256_srli_epi16(v01, 4), mask);
+        wv[2] = _mm256_and_si256(v23, mask), wv[3] = _mm256_and_si256(_mm256_srli_epi16(v23, 4), mask);
       } else {
         const uint8_t* wg = wq + g * 128;
-        __m256i wv[kTileN];
         for (int c = 0; c < kTileN; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 32));
-        for (int r = 0; r < R; ++r) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (r0 + r) * width + g * kGroup));
-          sums[r][e] = _mm256_hadd_epi32(_mm256_hadd_epi32(q8_column_sums(wv[0], xv), q8_column_sums(wv[1], xv)),
-                                         _mm256_hadd_epi32(q8_column_sums(wv[2], xv), q8_column_sums(wv[3], xv)));
-        }
       }
-    }
-    const __m256 scale = load_halves(ws + p * 8);
-    const __m256 minimum = Q4 ? load_halves(wm + p * 8) : _mm256_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const int64_t at = ((r0 + r) * pairs + p) * 8;
-      const __m256i pair = Q4 ? _mm256_hadd_epi32(sums[r][0], sums[r][1])
-                              : _mm256_add_epi32(_mm256_permute2x128_si256(sums[r][0], sums[r][1], 0x20),
-                                                 _mm256_permute2x128_si256(sums[r][0], sums[r][1], 0x31));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair), _mm256_mul_ps(scale, _mm256_loadu_ps(x.d_lanes.data() + at)),
-                               acc[r]);
-      if (Q4) acc_min[r] = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(x.s_lanes.data() + at), acc_min[r]);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xg = x.q.data() + (r0 + r) * width + g * kGroup;
+        __m256i sums;
+        if (Q4) {
+          sums = q4_group_sums(wv[0], wv[1], wv[2], wv[3], xg);
+        } else {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg));
+          sums = _mm256_hadd_epi32(_mm256_hadd_epi32(q8_column_sums(wv[0], xv), q8_column_sums(wv[1], xv)),
+                                   _mm256_hadd_epi32(q8_column_sums(wv[2], xv), q8_column_sums(wv[3], xv)));
+        }
+        if (e == 0) {
+          first[r] = sums;
+          continue;
+        }
+        const int64_t at = ((r0 + r) * pairs + p) * 8;
+        const __m256i pair = Q4 ? q4_pair_sums(first[r], sums)
+                                : _mm256_add_epi32(_mm256_permute2x128_si256(first[r], sums, 0x20),
+                                                   _mm256_permute2x128_si256(first[r], sums, 0x31));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair),
+                                 _mm256_mul_ps(scale, _mm256_loadu_ps(x.d_lanes.data() + at)), acc[r]);
+        if (Q4) acc_min[r] = _mm256_fmadd_ps(minimum, _mm256_loadu_ps(x.s_lanes.data() + at), acc_min[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(total[r], _mm256_add_ps(acc[r], acc_min[r]));
@@ -248,7 +257,8 @@ torch::Tensor packed_linear(const torch::Tensor& x, const PackedMatrix& w, const
         const int64_t cols = std::min(kTileN, n - t * kTileN);
         float* out = yp + t * kTileN;
         int64_t r = m0;
-        for (; r + 2 <= m1; r += 2) tile_dots<2, Q4>(xq, r, w, t, cols, out + r * n, n);
+        for (; r + 4 <= m1; r += 4) tile_dots<4, Q4>(xq, r, w, t, cols, out + r * n, n);
+        if (r + 2 <= m1) tile_dots<2, Q4>(xq, r, w, t, cols, out + r * n, n), r += 2;
         if (r < m1) tile_dots<1, Q4>(xq, r, w, t, cols, out + r * n, n);
       }
     }
