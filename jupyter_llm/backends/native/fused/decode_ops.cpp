@@ -247,12 +247,15 @@ torch::Tensor token_attention(const torch::Tensor& qkv, const torch::Tensor& cos
   });
 
   // Pass 2: attention, one (row, query head) per task; the keys and values of a row's sequence
-  // block by block (a block's slots are contiguous in the pool).
+  // block by block (a block's slots are contiguous in the pool). The rows are taken first, last,
+  // second, second to last, ...: parallel_for gives each thread one contiguous range, and a
+  // prefill chunk's late rows attend over many more keys than its early ones.
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(dim), scores;
     std::vector<const float*> value_rows;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task / heads, head = task % heads, h = head / group;
+      const int64_t turn = task / heads, head = task % heads, h = head / group;
+      const int64_t t = turn % 2 == 0 ? turn / 2 : rows - 1 - turn / 2;
       const float* src = qkv_p + t * row_width + head * dim;
       const float* c = cos_p + pos_p[t] * half;
       const float* s = sin_p + pos_p[t] * half;
