@@ -22,6 +22,7 @@ from jupyter_llm.completions import CompletionBuilder, Prompt, build_requests
 from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError
 from jupyter_llm.event_mailbox import EventMailbox
 from jupyter_llm.event_stream import EventStream
+from jupyter_llm.heap import release_freed_memory
 from jupyter_llm.schema import Completion, GenerationRequest, SamplingParams, TokenEvent
 
 PREFERRED_BACKENDS = ("native", "hf")  # for the embedded model when nothing is loaded
@@ -89,6 +90,7 @@ class EngineManager:
             raise BackendError(f"backend {backend!r} cannot load here: {reason}")
         instance = backend_class(backend)(model, **options)
         instance.load(progress=progress)
+        release_freed_memory()  # what the load freed would otherwise stay resident
         old = self._backends.get(name)
         if old is not None:
             self._run(old.stop())

@@ -12,6 +12,8 @@ in a process before its CPU probe has passed (backends/llamacpp/probe.py).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from jupyter_llm.schema import GenerationRequest, Message
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 # Special tokens that end a turn in common chat formats. The GGUF of SmolLM2 names only
 # <|im_end|> as EOS, yet the model also ends text with <|endoftext|>.
 _END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
+# The classes that are tokenizer.json and nothing else (transformers 5's and 4's names).
+_GENERIC_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 class TextTokenizer(Protocol):
@@ -73,9 +77,12 @@ class Tokenizer:
 def load_tokenizer(folder: str) -> Tokenizer:
     """A Tokenizer for an HF folder, with the generation config's EOS ids too."""
     # transformers on use: backends without it (openai with a GGUF tokenizer) import this module too.
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(folder)
+    # AutoTokenizer resolves the class through transformers' config machinery, about 55 MB of
+    # modules that stay resident; a folder that names the generic fast class needs none of it.
+    generic = _tokenizer_class(folder) in _GENERIC_FAST_CLASSES and (Path(folder) / "tokenizer.json").is_file()
+    hf_tokenizer = (PreTrainedTokenizerFast if generic else AutoTokenizer).from_pretrained(folder)
     extra: tuple[int, ...] = ()
     try:
         eos = GenerationConfig.from_pretrained(folder).eos_token_id
@@ -83,6 +90,15 @@ def load_tokenizer(folder: str) -> Tokenizer:
     except OSError:
         pass
     return Tokenizer(hf_tokenizer, extra)
+
+
+def _tokenizer_class(folder: str) -> str | None:
+    """The tokenizer class an HF folder's tokenizer_config.json names, if any."""
+    try:
+        config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("tokenizer_class") if isinstance(config, dict) else None
 
 
 class GGUFVocab:

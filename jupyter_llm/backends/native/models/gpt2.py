@@ -12,7 +12,7 @@ from torch import nn
 from jupyter_llm.backends.native.attention import AttentionMetadata, paged_attention
 from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.kv_cache import KVCachePool
-from jupyter_llm.backends.native.models.head import vocab_logits
+from jupyter_llm.backends.native.models.head import embedding, vocab_logits
 
 
 class GPT2Attention(nn.Module):
@@ -60,8 +60,8 @@ class GPT2ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.wte = embedding(config.vocab_size, config.hidden_size)
+        self.wpe = embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = (None if config.tie_word_embeddings

@@ -1,9 +1,18 @@
-"""The output projection to vocabulary logits, shared by the models."""
+"""The vocabulary's two ends, shared by the models: token embeddings in, logits out."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim), left uninitialized on the meta device (where the loaders build
+    the models before assigning their weights): a meta tensor's normal_ goes through torch._refs,
+    which imports torch._dynamo and sympy, about 40 MB that would stay resident for nothing."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
 
 
 def vocab_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: torch.Tensor | None) -> torch.Tensor:

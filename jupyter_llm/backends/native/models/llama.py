@@ -18,7 +18,7 @@ from torch import nn
 from jupyter_llm.backends.native.attention import AttentionMetadata, paged_attention
 from jupyter_llm.backends.native.config import ModelConfig
 from jupyter_llm.backends.native.kv_cache import KVCachePool
-from jupyter_llm.backends.native.models.head import vocab_logits
+from jupyter_llm.backends.native.models.head import embedding, vocab_logits
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -162,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = (None if config.tie_word_embeddings
