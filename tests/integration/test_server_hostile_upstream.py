@@ -2,12 +2,14 @@
 (issue 19): a stream that fails midway ends with `data: [DONE]` after its error event, an
 overloaded upstream (429/503) is our 503 with its Retry-After (item 8); n and stop strings go
 upstream in one request, chat goes as messages, the openai dialect's chat sends
-max_completion_tokens (item 12); a stalled upstream stalls neither /health nor the other
+max_completion_tokens, 5xx answers open the circuit and half-open lets one trial through
+(item 12); a stalled upstream stalls neither /health nor the other
 requests (item 6). Each case asserts the failure as the client sees it, that a normal request
 served meanwhile answers (and /health within a second), and that nothing runs afterwards."""
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -22,10 +24,10 @@ pytestmark = pytest.mark.slow
 NORMAL = {"prompt": "Hello", "max_tokens": 4}  # what the upstream streams when nothing is scripted: 4 tokens
 
 
-def openai_args(url: str, *extra: str) -> list[str]:
-    # no retries and a circuit that does not open: each scripted answer reaches our client as it is
+def openai_args(url: str, *extra: str, breaker: str = "breaker_threshold=1000") -> list[str]:
+    # no retries and (by default) a circuit that does not open: each scripted answer reaches our client as it is
     return ["--backend", "openai", "--name", "up", "--port", "0", "--backend-option", f"url={url}/v1",
-            "--backend-option", "max_retries=0", "--backend-option", "breaker_threshold=1000", *extra]
+            "--backend-option", "max_retries=0", "--backend-option", breaker, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +131,33 @@ def test_a_stalled_upstream_stalls_neither_health_nor_other_requests(forwarding)
     slow.join(30)
     assert results["slow"].status_code == 200 and results["slow"].json()["choices"][0]["text"] == " t0 t1 t2 t3"
     assert_settled(client, before)
+
+
+def test_the_circuit_opens_on_server_errors_and_half_open_lets_one_trial_through(upstream):
+    script, url = upstream
+    args = openai_args(url, "--backend-option", "breaker_cooldown=1", breaker="breaker_threshold=2")
+    with cli_server(args) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        before = metrics(client, model="up")
+        script.actions.extend([("status", 500, {}), ("status", 502, {})])
+        for _ in range(2):
+            assert_openai_error(client.post("/v1/completions", json=NORMAL), 500)
+        posts = script.posts
+        open_circuit = client.post("/v1/completions", json=NORMAL)
+        assert_openai_error(open_circuit, 503, code="upstream_busy")  # failing fast: the upstream not asked
+        assert int(open_circuit.headers["retry-after"]) >= 1 and script.posts == posts
+        assert_health_fast(client)
+        time.sleep(1.2)  # half-open: one trial request, the others fail fast while it runs
+        script.actions.append(("stall", 1.0))
+        statuses: list[int] = []
+        callers = [threading.Thread(target=lambda: statuses.append(
+            client.post("/v1/completions", json=NORMAL).status_code)) for _ in range(3)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(30)
+        assert sorted(statuses) == [200, 503, 503] and script.posts == posts + 1, statuses
+        assert_serves_meanwhile(client, NORMAL)  # the trial closed the circuit
+        assert_settled(client, before)
 
 
 def test_the_openai_dialect_sends_max_completion_tokens_for_chat(upstream):
