@@ -1,9 +1,10 @@
 """`jupyter-llm serve` against slow, hostile and greedy clients (issue 19): clients that post long
 streams and never read (item 1), stop strings at the length cap (2), requests whose total work is
 too large (3), requests that would not fit the hf backend's memory (3), clients that hang up at
-once or mid-answer (9), numerics at the edges and the prefix cache's salt (11). Each case asserts
-the refusal or the recovery, that a normal request served meanwhile still answers (and /health
-within a second), and that afterwards nothing runs and the KV cache is back to where it was.
+once or mid-answer and a compute thread that fails (9), numerics at the edges and the prefix
+cache's salt (11). Each case asserts the refusal or the recovery, that a normal request served
+meanwhile still answers (and /health within a second), and that afterwards nothing runs and the
+KV cache is back to where it was.
 
 The server-side guards (items 4-7 and 10) are in test_server_hostile_guards.py, the openai
 backend's upstream failures (8, 12) in test_server_hostile_upstream.py."""
@@ -13,9 +14,11 @@ import json
 import math
 import random
 import statistics
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -173,6 +176,34 @@ def test_clients_that_hang_up_leave_nothing_running(native):
     streamed.close()
     assert wait_until(lambda: settled(native, before), timeout=5), metrics(native)
     assert_health_fast(native)
+
+
+def test_a_compute_thread_that_fails_fails_its_requests_and_health_says_so(tiny_llama):
+    """Faults injected into output processing (helpers/faulty_serve.py): one outside the engine's
+    step costs its request only; one that ends the compute thread fails the request in flight,
+    turns /health to 503 with the reason, and new requests are refused at once, not left waiting."""
+    args = ["--backend", "native", "--model", str(tiny_llama), "--name", "tiny", "--port", "0", "--threads", "1",
+            "--backend-option", "kv_cache_memory=4MiB", "--backend-option", "fused_ops=false"]
+    command = [sys.executable, str(Path(__file__).parents[1] / "helpers" / "faulty_serve.py")]
+    with cli_server(args, command=command) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        before = metrics(client)
+        body = {"prompt": "Hi", "max_tokens": 4}
+        error = assert_openai_error(client.post("/v1/completions", json={**body, "seed": 666}), 500,
+                                    code="backend_error")
+        assert "RuntimeError" in error["message"]
+        with client.stream("POST", "/v1/completions", json={**body, "seed": 666, "stream": True}) as response:
+            events = sse_data(response.iter_lines())
+        assert events[-2]["error"]["code"] == "backend_error" and events[-1] == "[DONE]"
+        assert_serves_meanwhile(client)
+        assert wait_until(lambda: settled(client, before), timeout=10), metrics(client)
+
+        assert_openai_error(client.post("/v1/completions", json={**body, "seed": 667}), 500, code="backend_error")
+        health = client.get("/health")
+        assert health.status_code == 503 and "compute thread" in health.json()["unavailable"]["tiny"]
+        started = time.monotonic()
+        refused = assert_openai_error(client.post("/v1/completions", json=body), 500, code="backend_error")
+        assert "has stopped" in refused["message"] and time.monotonic() - started < 1.0
+        assert wait_until(lambda: settled(client, before), timeout=10), metrics(client)
 
 
 def test_a_vanishing_temperature_and_an_extreme_repetition_penalty_give_real_tokens(native):
