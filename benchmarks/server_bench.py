@@ -137,7 +137,7 @@ def main() -> int:
 
     model = args.model
     if model == "tiny-random":  # per-token compute so small that the HTTP costs show
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
         from tiny_models import tiny_llama_folder
 
         model = str(tiny_llama_folder(Path(tempfile.mkdtemp()) / "tiny-random"))

@@ -151,9 +151,11 @@ class SampleOutputProcessor:
             return self._finish(event, "stop")
         generated = self.num_emitted
         if generated >= self.params.max_tokens or self.prompt_len + generated >= self.max_model_len:
-            tail, _ = self.stop_matcher.feed(self.detokenizer.flush())
+            # the text held back for an incomplete character may complete a stop string too
+            tail, stop = self.stop_matcher.feed(self.detokenizer.flush())
             event.text += tail + self.stop_matcher.flush()
-            return self._finish(event, "length")
+            event.stop_reason = stop
+            return self._finish(event, "length" if stop is None else "stop")
         return event
 
     def abort(self, reason: str = "cancelled", error: str | None = None) -> TokenEvent:

@@ -23,7 +23,7 @@ from jupyter_llm.backends.base import Backend, check_prompt_fits
 from jupyter_llm.backends.meter import TokenMeter
 from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.backends.tokenizer_api import TokenizerServices
-from jupyter_llm.errors import ParamError
+from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.event_mailbox import EventMailbox
 from jupyter_llm.output import SampleOutputProcessor
 from jupyter_llm.schema import GenerationRequest, PreparedRequest, TokenEvent
@@ -77,6 +77,7 @@ class InProcessBackend(TokenizerServices, Backend):
         self.meter = TokenMeter()
         self.step_threads = 0  # torch threads used by the latest step
         self._held = 0  # > 0 while a batch of requests is being submitted
+        self._failure: str | None = None  # why the compute thread ended, when it failed
 
     @property
     def threads(self) -> int:
@@ -107,6 +108,8 @@ class InProcessBackend(TokenizerServices, Backend):
         return self._thread is None or not self._thread.is_alive()
 
     def health(self) -> str | None:
+        if self._failure is not None:
+            return self._failure
         if self._thread is not None and not self._thread.is_alive() and not self._stopping:
             return f"the compute thread of backend {self.kind!r} has stopped"
         return None
@@ -170,12 +173,28 @@ class InProcessBackend(TokenizerServices, Backend):
 
     def _post(self, kind: str, payload: Any) -> None:
         with self._wake:
+            if self._failure is not None:  # no thread takes it any more
+                if kind == "add":
+                    raise BackendError(self._failure)
+                return
             self._inbox.append((kind, payload))
             self._wake.notify()
 
     # --- compute thread ---------------------------------------------------------------
     def _run(self) -> None:
         live: dict[int, EngineSequence] = {}
+        try:
+            self._serve(live)
+        except BaseException as error:  # the thread ends anyway (SystemExit...): nobody may wait on it
+            log.error("the compute thread of backend %r failed", self.kind, exc_info=error)
+            with self._wake:
+                self._failure = f"the compute thread of backend {self.kind!r} failed and has stopped"
+                waiting, self._inbox = list(self._inbox), deque()
+            for seq in (seq for kind, payload in waiting if kind == "add" for seq in payload):
+                live[seq.seq_id] = seq
+            self._fail(live, error)  # and the thread ends, logged once
+
+    def _serve(self, live: dict[int, EngineSequence]) -> None:
         while True:
             with self._wake:
                 while (not self._inbox or self._held) and not self.engine.has_work() and not self._stopping:
@@ -214,7 +233,7 @@ class InProcessBackend(TokenizerServices, Backend):
         finally:
             seq.sink(event)
 
-    def _fail(self, live: dict[int, EngineSequence], error: Exception) -> None:
+    def _fail(self, live: dict[int, EngineSequence], error: BaseException) -> None:
         """End every live request with `error`: a failure in a step, in output processing or in a
         request's bookkeeping costs the requests in flight, and the thread goes on serving."""
         message = f"{type(error).__name__}: {error}"

@@ -353,25 +353,25 @@ class Generation:
         while event is not None:
             builder.add(event)
             tracker.event(event)
-            if event.finish_reason in ("error", "cancelled"):
-                failure = sample_failure(builder.completions()[event.prompt_index * job.n + event.index])
-                state["outcome"] = failure.code
-                yield sse(failure.body())
-                yield sse("[DONE]")  # as vLLM: a client reading to [DONE] is not left waiting
-                return
             index = event.prompt_index * job.n + event.index
-            if event.text or event.finish_reason or event.logprobs or index not in started:
+            failed = event.finish_reason in ("error", "cancelled")  # text folded in with it goes out first
+            if event.text or event.logprobs or not failed and (event.finish_reason or index not in started):
                 logprobs = None
                 if event.logprobs:
                     logprobs = job.shape.logprobs(event.logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(e.token) for e in event.logprobs)
-                delta = job.shape.delta(index, event.text, event.finish_reason, event.stop_reason, logprobs,
-                                        index not in started)
+                delta = job.shape.delta(index, event.text, None if failed else event.finish_reason,
+                                        event.stop_reason, logprobs, index not in started)
                 started.add(index)
                 chunk = job.envelope([delta], chunk=True)
                 if job.include_usage:
                     chunk["usage"] = None
                 yield sse(chunk)
+            if failed:
+                failure = sample_failure(builder.completions()[index])
+                state["outcome"] = failure.code
+                yield sse(failure.body()) + sse("[DONE]")  # as vLLM: a client reading to [DONE] is not left waiting
+                return
             try:
                 event = await stream.__anext__()
             except StopAsyncIteration:

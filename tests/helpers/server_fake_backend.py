@@ -31,9 +31,13 @@ class FakeBackend(Backend):
             for i in range(request.params.max_tokens):
                 await asyncio.sleep(0.05 if "slow" in text else 0)
                 if "fail" in text and i == 2:
+                    # 'folded': the tokens before the failure in its event, as a lagging consumer gets them
+                    folded = {"text": "t0 t1 ", "token_ids": [10, 11]} if "folded" in text else {}
                     yield TokenEvent(request.id, 0, finish_reason="error", error="the engine failed",
-                                     prompt_tokens=prompt_tokens)
+                                     prompt_tokens=prompt_tokens, **folded)
                     return
+                if "folded" in text:
+                    continue
                 yield TokenEvent(request.id, 0, text=f"t{i} ", token_ids=[10 + i])
             yield TokenEvent(request.id, 0, finish_reason="length", prompt_tokens=prompt_tokens)
         except (asyncio.CancelledError, GeneratorExit):

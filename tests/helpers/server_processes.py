@@ -37,10 +37,13 @@ def kernel_server(model_folder: Path, name: str = "tiny") -> Iterator[tuple[str,
 
 
 class CLIServer:
-    """`jupyter-llm serve ...` in a subprocess; its output is collected in the background."""
+    """`jupyter-llm serve ...` in a subprocess (or `command`, another server that prints the same
+    banner line); its output is collected in the background."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120):
-        self.process = subprocess.Popen([sys.executable, "-m", "jupyter_llm.cli", "serve", *args],
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120,
+                 command: list[str] | None = None):
+        command = command or [sys.executable, "-m", "jupyter_llm.cli", "serve"]
+        self.process = subprocess.Popen([*command, *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
         self.stdout: list[str] = []
@@ -67,8 +70,9 @@ class CLIServer:
 
 
 @contextmanager
-def cli_server(args: list[str], env: dict[str, str] | None = None) -> Iterator[CLIServer]:
-    server = CLIServer(args, env)
+def cli_server(args: list[str], env: dict[str, str] | None = None,
+               command: list[str] | None = None) -> Iterator[CLIServer]:
+    server = CLIServer(args, env, command=command)
     try:
         yield server
     finally:

@@ -329,3 +329,28 @@ def test_a_failure_outside_the_step_fails_its_requests_and_the_thread_serves_on(
     backend.engine.rows, backend.engine.removed = [], set()
     [ok] = manager.submit(manager.agenerate("Hello", params, backend=tiny_hf)).result(timeout=60)
     assert ok.finish_reason == "length" and ok.completion_tokens == 3
+
+
+def test_a_compute_thread_that_dies_anyway_fails_its_requests_and_refuses_new_ones(tiny_llama, monkeypatch):
+    """What no handler takes (SystemExit) ends the compute thread: the requests in flight end with
+    an error instead of waiting forever, /health says why, and new requests are refused at once."""
+    from jupyter_llm.output import SampleOutputProcessor
+
+    def exits(*args):
+        raise SystemExit("gone")
+
+    fresh = EngineManager()
+    try:
+        fresh.load("hf", str(tiny_llama), name="tiny", progress=False)
+        backend = fresh.get("tiny")
+        monkeypatch.setattr(SampleOutputProcessor, "append", exits)
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        [failed] = fresh.submit(fresh.agenerate("Hello", params, backend="tiny")).result(timeout=60)
+        assert failed.finish_reason == "error" and "SystemExit: gone" in failed.error
+        backend._thread.join(10)
+        assert "compute thread of backend 'hf' failed" in backend.health()
+        monkeypatch.undo()
+        with pytest.raises(BackendError, match="compute thread"):
+            fresh.submit(fresh.agenerate("Hello", params, backend="tiny")).result(timeout=10)
+    finally:
+        fresh.shutdown()

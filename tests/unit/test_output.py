@@ -82,6 +82,21 @@ def test_processor_stops_on_eos_length_and_stop_strings(tokenizer):
     assert event.finish_reason is None and event.token_ids == [eos] and p.num_emitted == 1
 
 
+def test_a_stop_string_in_the_text_released_at_the_end_ends_with_stop(tokenizer):
+    """The last tokens of an answer cut short in the middle of a character are released when it
+    ends; a stop string they complete ends the sample as "stop", with its stop_reason (it was
+    "length", the stop string cut but not reported)."""
+    ids = tokenizer.encode("ab 😀", add_special_tokens=False)[:-1]  # the emoji's last byte missing
+    p = SampleOutputProcessor(tokenizer, "r", 0, SamplingParams(max_tokens=len(ids), stop=("\ufffd",)), [1], 512)
+    events = [p.append(i) for i in ids]
+    assert "".join(e.text for e in events) == "ab "
+    assert (events[-1].finish_reason, events[-1].stop_reason) == ("stop", "\ufffd")
+    p = SampleOutputProcessor(tokenizer, "r", 0, SamplingParams(max_tokens=len(ids), stop=("zz",)), [1], 512)
+    events = [p.append(i) for i in ids]
+    assert events[-1].finish_reason == "length" and events[-1].stop_reason is None
+    assert "".join(e.text for e in events).startswith("ab \ufffd")
+
+
 def test_context_limit_ends_with_length(tokenizer):
     p = SampleOutputProcessor(tokenizer, "r", 0, SamplingParams(max_tokens=100), [1, 2, 3], max_model_len=5)
     assert p.append(10).finish_reason is None

@@ -306,6 +306,18 @@ def test_a_failing_request_gets_an_error_and_the_others_are_unaffected(fake):
         assert status == 200 and events[-2]["error"]["code"] == "backend_error" and events[-1] == "[DONE]"
 
 
+def test_text_that_arrives_with_a_failure_is_streamed_before_the_error(fake):
+    """A client that lags gets a sample's tokens folded into one event, the failure's too: its text
+    was dropped with the error event (seen against a real server, issue 19's upstream test)."""
+    with running_server(fake) as handle, httpx.Client(base_url=handle.url, timeout=60) as c:
+        body = {"prompt": "folded fail", "max_tokens": 8, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as response:
+            events = sse_data(response.iter_lines())
+    assert [e["choices"][0]["text"] for e in events[:-2]] == ["t0 t1 "]
+    assert events[0]["choices"][0]["finish_reason"] is None
+    assert events[-2]["error"]["code"] == "backend_error" and events[-1] == "[DONE]"
+
+
 def test_stop_lets_in_flight_requests_finish_and_frees_the_port(fake):
     result = {}
     with running_server(fake, shutdown_timeout=5) as handle:
