@@ -87,10 +87,10 @@ class SamplingParams:
                    f"seed must be an integer or None, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop must be non-empty strings, got {self.stop!r}")
-        _check(len(self.stop) <= 16, f"at most 16 stop strings are accepted, got {len(self.stop)}")
+        _check(len(self.stop) <= 16, f"stop takes at most 16 stop strings, got {len(self.stop)}")
         longest = max((len(s) for s in self.stop), default=0)
         _check(longest <= MAX_STOP_CHARS,
-               f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
+               f"stop strings may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
         _check(1 <= integer("n") <= 128, f"n must be in [1, 128], got {self.n}")
         if self.logprobs is not None:
             _check(isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)

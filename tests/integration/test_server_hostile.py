@@ -115,10 +115,10 @@ def test_stop_strings_past_the_cap_are_refused_and_many_at_the_cap_stay_cheap(na
 
     too_long = {"prompt": prompt, "max_tokens": 4, "stop": ["x" * (MAX_STOP_CHARS + 1)]}
     error = assert_openai_error(native.post("/v1/completions", json=too_long), 400)
-    assert f"at most {MAX_STOP_CHARS} characters" in error["message"]
+    assert f"at most {MAX_STOP_CHARS} characters" in error["message"] and error["param"] == "stop"
     too_many = {"prompt": prompt, "max_tokens": 4, "stop": [f"stop {i}" for i in range(17)]}
-    assert "at most 16 stop strings" in assert_openai_error(native.post("/v1/completions", json=too_many),
-                                                            400)["message"]
+    error = assert_openai_error(native.post("/v1/completions", json=too_many), 400)
+    assert "at most 16 stop strings" in error["message"] and error["param"] == "stop"
 
     # 16 stop strings at the cap, 15 of them near misses of the one that occurs: each automaton walks
     # ~1,000 characters of match before failing, where the old search sliced every length per token

@@ -154,6 +154,6 @@ def test_long_stop_strings_beside_near_misses_hold_exactly_what_could_still_matc
 
 def test_a_stop_string_longer_than_the_limit_is_refused():
     SamplingParams(stop=["x" * MAX_STOP_CHARS])
-    with pytest.raises(ParamError, match=f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of "
+    with pytest.raises(ParamError, match=f"stop strings may have at most {MAX_STOP_CHARS} characters, got one of "
                                          f"{MAX_STOP_CHARS + 1}"):
         SamplingParams(stop=["ok", "x" * (MAX_STOP_CHARS + 1)])
