@@ -99,7 +99,10 @@ def backend_failure(error: BaseException) -> APIError:
 def sample_failure(c: Completion) -> APIError:
     """The error for a sample that ended as 'error' or 'cancelled'."""
     if c.finish_reason == "error":
-        return APIError(500, f"the backend failed: {c.error}", type="server_error", code="backend_error")
+        # the exception's words stay in the log (the compute thread logged its traceback)
+        log.warning("a sample failed: %s", c.error)
+        return APIError(500, "the backend failed while generating this answer (the server's log says why)",
+                        type="server_error", code="backend_error")
     return APIError(503, "the request was cancelled on the server (shutdown or cancel)", type="server_error",
                     code="request_cancelled")
 
