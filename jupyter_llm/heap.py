@@ -16,11 +16,13 @@ import functools
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
+    if name is None:
+        return None
     try:
-        libc = ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(name)
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only (not musl, macOS)
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl, macOS)
 
 
 def release_freed_memory() -> bool:

@@ -99,8 +99,8 @@ def backend_failure(error: BaseException) -> APIError:
 def sample_failure(c: Completion) -> APIError:
     """The error for a sample that ended as 'error' or 'cancelled'."""
     if c.finish_reason == "error":
-        # the exception's words stay in the log (the compute thread logged its traceback)
-        log.warning("a sample failed: %s", c.error)
+        # c.error stays out of the answer: the backend logged it where it failed (the compute
+        # thread with its traceback, the openai backend with the upstream's answer)
         return APIError(500, "the backend failed while generating this answer (the server's log says why)",
                         type="server_error", code="backend_error")
     return APIError(503, "the request was cancelled on the server (shutdown or cancel)", type="server_error",
