@@ -78,6 +78,9 @@ class Backend(ABC):
     install_hint: ClassVar[str] = ""  # the exact pip command when the package is missing
     options_class: ClassVar[type[BackendOptions]] = BackendOptions
     capabilities: Capabilities = Capabilities()
+    # A sample's error text is an exception's own words (for the notebook and the log), unless
+    # the backend writes it for a server's clients: what failed, without internals
+    errors_fit_for_clients: ClassVar[bool] = False
 
     def __init__(self, model: str | None = None, **options: Any):
         self.options = self.options_class.parse(options, self.kind)

@@ -30,8 +30,9 @@ from starlette.types import Receive
 
 from jupyter_llm.backends.base import Backend
 from jupyter_llm.completions import CompletionBuilder
-from jupyter_llm.errors import BackendError, NoBackendError, ParamError, QueueFullError
+from jupyter_llm.errors import NoBackendError, ParamError, QueueFullError
 from jupyter_llm.schema import Completion, GenerationRequest, PreparedRequest, SamplingParams, TokenEvent
+from jupyter_llm.server.failures import backend_failure, sample_failure
 from jupyter_llm.server.metrics import RequestTracker, ServerMetrics
 from jupyter_llm.server.protocol import (
     APIError,
@@ -84,27 +85,6 @@ class Job:
     def usage(self, completions: list[Completion]) -> dict[str, int]:
         prompt = sum(c.prompt_tokens for c in completions if c.index == 0)  # once per prompt, not per sample
         return usage(prompt, sum(c.completion_tokens for c in completions))
-
-
-def backend_failure(error: BaseException) -> APIError:
-    """An exception from the manager or a backend as the answer's status."""
-    if isinstance(error, APIError):
-        return error
-    if isinstance(error, (ParamError, QueueFullError, BackendError)):
-        return user_error(error)
-    log.error("generation failed", exc_info=error)
-    return APIError(500, "The server had an error while processing your request", type="server_error")
-
-
-def sample_failure(c: Completion) -> APIError:
-    """The error for a sample that ended as 'error' or 'cancelled'."""
-    if c.finish_reason == "error":
-        # c.error stays out of the answer: the backend logged it where it failed (the compute
-        # thread with its traceback, the openai backend with the upstream's answer)
-        return APIError(500, "the backend failed while generating this answer (the server's log says why)",
-                        type="server_error", code="backend_error")
-    return APIError(503, "the request was cancelled on the server (shutdown or cancel)", type="server_error",
-                    code="request_cancelled")
 
 
 async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
@@ -334,7 +314,7 @@ class Generation:
             raise failure from None
         completions = builder.completions()
         failed = next((c for c in completions if c.finish_reason not in ("stop", "length")), None)
-        failure = sample_failure(failed) if failed else None
+        failure = sample_failure(failed, job.backend) if failed else None
         await close(failure.code if failure else None)
         if failure is not None:
             raise failure
@@ -371,7 +351,7 @@ class Generation:
                     chunk["usage"] = None
                 yield sse(chunk)
             if failed:
-                failure = sample_failure(builder.completions()[index])
+                failure = sample_failure(builder.completions()[index], job.backend)
                 state["outcome"] = failure.code
                 yield sse(failure.body()) + sse("[DONE]")  # as vLLM: a client reading to [DONE] is not left waiting
                 return

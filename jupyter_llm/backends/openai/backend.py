@@ -97,6 +97,7 @@ class OpenAIBackend(Backend):
     kind = "openai"
     options_class = OpenAIOptions
     capabilities = Capabilities(devices=("remote",))
+    errors_fit_for_clients = True  # readers.py and resilience.py log the upstream's details
 
     def __init__(self, model: str | None = None, **options: Any):
         super().__init__(model, **options)
