@@ -7,6 +7,7 @@ ones: it is the consumer's view of the events, not the engine's record of a samp
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 
@@ -49,6 +50,7 @@ class CompletionBuilder:
         self.keep_output = keep_output
         self._slots: dict[tuple[str, int], Completion] = {}
         self._order: list[tuple[str, int]] = []
+        self._json = {r.id for r in requests if r.params.structured is not None and r.params.structured.is_json}
         for prompt_index, request in enumerate(requests):
             keeps_logprobs = keep_output and request.params.logprobs is not None
             for index in range(request.params.n):
@@ -78,6 +80,8 @@ class CompletionBuilder:
             c.stop_reason = event.stop_reason
             c.prompt_tokens = event.prompt_tokens or c.prompt_tokens
             c.timings.total = now
+            if c.finish_reason == "stop" and self.keep_output and event.request_id in self._json:
+                c.parsed = _parsed(c.text)
 
     def cancel_unfinished(self) -> None:
         now = time.monotonic() - self.started
@@ -92,3 +96,11 @@ class CompletionBuilder:
     def completions(self) -> list[Completion]:
         """In prompt order, the n samples of a prompt next to each other."""
         return [self._slots[key] for key in self._order]
+
+
+def _parsed(text: str) -> object:
+    """A JSON-constrained answer's value; None if it does not parse (a stop string cut it)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None

@@ -2,8 +2,13 @@
 per-sample output processor that combines them (what turns sampled ids into `TokenEvent`s)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from jupyter_llm.schema import SamplingParams, TokenEvent, TokenLogprob
 from jupyter_llm.tokenizers import TextTokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from jupyter_llm.backends.constraints import Constraint
 
 
 class IncrementalDetokenizer:
@@ -113,8 +118,9 @@ class SampleOutputProcessor:
     accepted guesses of a speculative step): this counts the tokens it has emitted."""
 
     def __init__(self, tokenizer: Tokenizer, request_id: str, index: int, params: SamplingParams,
-                 prompt_ids: list[int], max_model_len: int):
+                 prompt_ids: list[int], max_model_len: int, constraint: Constraint | None = None):
         self.tokenizer = tokenizer
+        self.constraint = constraint  # the sample's grammar: complete, the sample stops
         self.request_id = request_id
         self.index = index
         self.params = params
@@ -150,13 +156,21 @@ class SampleOutputProcessor:
             event.stop_reason = stop
             return self._finish(event, "stop")
         generated = self.num_emitted
+        if self.constraint is not None and (self.constraint.done or self.constraint.failed):
+            self._flush_into(event)
+            event.error = self.constraint.failed
+            return self._finish(event, "error" if event.error else "stop")
         if generated >= self.params.max_tokens or self.prompt_len + generated >= self.max_model_len:
-            # the text held back for an incomplete character may complete a stop string too
-            tail, stop = self.stop_matcher.feed(self.detokenizer.flush())
-            event.text += tail + self.stop_matcher.flush()
-            event.stop_reason = stop
-            return self._finish(event, "length" if stop is None else "stop")
+            self._flush_into(event)
+            return self._finish(event, "length" if event.stop_reason is None else "stop")
         return event
+
+    def _flush_into(self, event: TokenEvent) -> None:
+        """The text ends: what was held back goes out (the text held back for an incomplete
+        character may complete a stop string too)."""
+        tail, stop = self.stop_matcher.feed(self.detokenizer.flush())
+        event.text += tail + self.stop_matcher.flush()
+        event.stop_reason = stop
 
     def abort(self, reason: str = "cancelled", error: str | None = None) -> TokenEvent:
         """The last event of a sample that ends early (cancelled or failed)."""

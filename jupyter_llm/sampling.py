@@ -3,16 +3,22 @@
 Each row of a batch carries its own `SamplingState`: its parameters, its own
 `torch.Generator` when the request has a seed (so a seeded request draws the same
 tokens alone or batched), and the token counts that the penalties need.
-Order of operations, as in vLLM: penalties -> temperature -> min-p, top-k, top-p -> draw.
-Logprobs are those of the model's raw distribution (log-softmax of the logits).
+Order of operations, as in vLLM: constraint mask -> penalties -> temperature -> min-p,
+top-k, top-p -> draw. Logprobs are those of the model's distribution (log-softmax of the
+logits), under the constraint's mask for a constrained row (as vLLM reports them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from jupyter_llm.schema import MIN_TEMPERATURE, SamplingParams
+
+if TYPE_CHECKING:
+    from jupyter_llm.backends.constraints import Constraint
 
 _SEED_STRIDE = 1_000_003  # sample j > 0 of a seeded request uses seed + j * stride
 
@@ -21,10 +27,13 @@ class SamplingState:
     """Per-sequence sampler state: parameters, generator and token counts for penalties.
 
     `token_ids` is the sequence's own list (prompt, then output), read here and extended by
-    `append`: the state keeps no copy of the tokens, only the penalty tensors derived from them."""
+    `append`: the state keeps no copy of the tokens, only the penalty tensors derived from them.
+    A constrained sample's `constraint` advances over every token appended."""
 
-    def __init__(self, params: SamplingParams, token_ids: list[int], sample_index: int = 0):
+    def __init__(self, params: SamplingParams, token_ids: list[int], sample_index: int = 0,
+                 constraint: Constraint | None = None):
         self.params = params
+        self.constraint = constraint
         self.token_ids = token_ids
         self.num_prompt_tokens = len(token_ids)  # what the list holds now is the prompt
         self.generator: torch.Generator | None = None
@@ -36,6 +45,8 @@ class SamplingState:
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
         if self._output_counts is not None:
             self._output_counts[token_id] += 1
 
@@ -59,6 +70,26 @@ class SampleOutput:
     token_ids: list[int]
     # Per row: (logprob of the chosen token, top ids, top logprobs) or None when not asked for.
     logprobs: list[tuple[float, list[int], list[float]] | None]
+
+
+def apply_constraints(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """The logits with what each constrained row's grammar forbids at -inf (a copy when any row
+    is constrained; the rows without a constraint are untouched)."""
+    rows = [row for row, s in enumerate(states) if s.constraint is not None]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    words = torch.empty((len(rows), states[rows[0]].constraint.mask_words), dtype=torch.int32)  # type: ignore[union-attr]
+    for i, row in enumerate(rows):
+        states[row].constraint.fill_mask(words[i])  # type: ignore[union-attr]
+    bits = torch.from_numpy(np.unpackbits(words.numpy().view(np.uint8), axis=1, bitorder="little"))
+    # columns past the tokenizer's vocabulary (a padded embedding) stay forbidden
+    forbidden = torch.ones((len(rows), vocab), dtype=torch.bool)
+    width = min(vocab, bits.shape[1])
+    forbidden[:, :width] = bits[:, :width] == 0
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(forbidden, float("-inf"))
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
@@ -159,6 +190,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleOutput:
         assert logits.shape[0] == len(states), "one sampling state per row of logits"
+        logits = apply_constraints(logits, states)
         if all(s.params.greedy and not s.params.uses_penalties for s in states):
             token_ids = logits.argmax(dim=-1).tolist()  # the common greedy case: no distribution needed
         else:

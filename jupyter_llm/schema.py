@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from jupyter_llm.errors import ParamError
+from jupyter_llm.structured import StructuredOutput
 
 
 def _check(ok: bool, message: str) -> None:
@@ -32,7 +33,8 @@ class SamplingParams:
     """How to sample. Names and meanings follow OpenAI and vLLM.
 
     top_k = 0 (or -1) and top_p = 1 and min_p = 0 disable those filters;
-    temperature = 0 is greedy decoding.
+    temperature = 0 is greedy decoding. `structured` constrains the answer (structured.py): a
+    `StructuredOutput`, or its dict form ({"json_schema": {...}}, {"choice": [...]}, ...).
     """
 
     max_tokens: int = 256
@@ -48,8 +50,11 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None
     ignore_eos: bool = False
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured, dict):
+            object.__setattr__(self, "structured", StructuredOutput.from_dict(self.structured))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
@@ -97,6 +102,8 @@ class SamplingParams:
                    and 0 <= self.logprobs <= 20,
                    f"logprobs must be an integer in [0, 20] (top alternatives) or None, got {self.logprobs!r}")
         _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        _check(self.structured is None or isinstance(self.structured, StructuredOutput),
+               f"structured must be a StructuredOutput or its dict form, got {type(self.structured).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -114,6 +121,7 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stop"] = list(self.stop)
+        data["structured"] = None if self.structured is None else self.structured.to_dict()
         return data
 
     @classmethod
@@ -242,6 +250,7 @@ class Completion:
     model: str = ""
     error: str | None = None
     stop_reason: str | None = None
+    parsed: Any = None  # the JSON value of a JSON-constrained answer that ended with "stop"
     # Tokens generated: the number of token_ids unless given. A consumer that keeps only counts (a
     # streamed HTTP answer, whose client has the output) counts here and keeps no ids, text or logprobs.
     completion_tokens: int | None = None

@@ -51,6 +51,7 @@ class Capabilities:
     top_k: bool = True
     min_p: bool = True
     chat: bool = True
+    structured: bool = False  # constrained output (SamplingParams.structured)
     devices: tuple[str, ...] = ("cpu",)
 
     def refusal(self, request: GenerationRequest, backend: str) -> str | None:
@@ -63,6 +64,7 @@ class Capabilities:
             (p.top_k > 0 and not self.top_k, "top_k"),
             (p.min_p > 0 and not self.min_p, "min_p"),
             (request.is_chat and not self.chat, "chat messages"),
+            (p.structured is not None and not self.structured, "structured output"),
         ]
         missing = [name for failed, name in checks if failed]
         return f"backend {backend!r} does not support {', '.join(missing)}" if missing else None

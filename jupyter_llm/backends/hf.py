@@ -189,7 +189,7 @@ class HFStepEngine(StepEngine):
 class HFBackend(InProcessBackend):
     kind = "hf"
     options_class = HFOptions
-    capabilities = Capabilities(batching="static", devices=("cpu", "cuda"))
+    capabilities = Capabilities(batching="static", structured=True, devices=("cpu", "cuda"))
 
     def load(self, progress: bool = True) -> None:
         options: HFOptions = self.options  # type: ignore[assignment]

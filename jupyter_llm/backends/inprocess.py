@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from jupyter_llm.backends.base import Backend, check_prompt_fits
+from jupyter_llm.backends.constraints import GrammarCompiler
 from jupyter_llm.backends.meter import TokenMeter
 from jupyter_llm.backends.sequence import EngineSequence
 from jupyter_llm.backends.tokenizer_api import TokenizerServices
@@ -79,6 +81,11 @@ class InProcessBackend(TokenizerServices, Backend):
         self._held = 0  # > 0 while a batch of requests is being submitted
         self._failure: str | None = None  # why the compute thread ended, when it failed
 
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """The constraints (structured output) compiled for this backend's tokenizer."""
+        return GrammarCompiler(self.tokenizer)
+
     @property
     def threads(self) -> int:
         return self.options.threads or os.cpu_count() or 1
@@ -121,6 +128,8 @@ class InProcessBackend(TokenizerServices, Backend):
         if isinstance(request, PreparedRequest) and request.backend is self:
             return request
         self.check_request(request)
+        if request.params.structured is not None:  # compiled here, once, off the compute thread
+            self.grammars.constraint(request.params.structured)
         prompt_ids = self.tokenizer.prompt_ids(request)
         if not prompt_ids:
             raise ParamError("the prompt is empty")
@@ -139,10 +148,13 @@ class InProcessBackend(TokenizerServices, Backend):
             except RuntimeError:  # the consumer's loop is gone
                 pass
 
-        seqs = [EngineSequence(request, i, prompt_ids,
-                               SampleOutputProcessor(self.tokenizer, request.id, i, request.params, prompt_ids,
-                                                     self.max_model_len), sink)
-                for i in range(request.params.n)]
+        structured = request.params.structured
+        seqs = []
+        for i in range(request.params.n):
+            constraint = None if structured is None else self.grammars.constraint(structured)
+            processor = SampleOutputProcessor(self.tokenizer, request.id, i, request.params, prompt_ids,
+                                              self.max_model_len, constraint)
+            seqs.append(EngineSequence(request, i, prompt_ids, processor, sink, constraint))
         self._post("add", seqs)
         remaining = len(seqs)
         try:
@@ -267,5 +279,6 @@ class InProcessBackend(TokenizerServices, Backend):
     # --- stats --------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         running, waiting = self.engine.counts()
+        grammars = self.grammars.stats() if "grammars" in self.__dict__ else {}  # once a constraint was asked for
         return {"running": running, "waiting": waiting, "tokens_generated": self.meter.tokens_generated,
-                "tokens_per_s": self.meter.tokens_per_s(), **self.engine.stats()}
+                "tokens_per_s": self.meter.tokens_per_s(), **grammars, **self.engine.stats()}

@@ -11,10 +11,13 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_llm.sampling import SamplingState
 from jupyter_llm.schema import GenerationRequest, TokenEvent
+
+if TYPE_CHECKING:
+    from jupyter_llm.backends.constraints import Constraint
 
 _seq_ids = itertools.count()
 
@@ -30,7 +33,7 @@ class EngineSequence:
     """One sample of one request inside an in-process engine."""
 
     def __init__(self, request: GenerationRequest, index: int, prompt_ids: list[int],
-                 processor: Any, sink: Callable[[TokenEvent], None] | None):
+                 processor: Any, sink: Callable[[TokenEvent], None] | None, constraint: Constraint | None = None):
         self.seq_id = next(_seq_ids)
         self.request_id = request.id
         self.index = index
@@ -38,7 +41,7 @@ class EngineSequence:
         self.cache_salt = request.cache_salt  # shares prefix-cache blocks only with the same salt
         self.token_ids: list[int] = list(prompt_ids)
         self.num_prompt_tokens = len(self.token_ids)
-        self.sampling = SamplingState(request.params, self.token_ids, index)
+        self.sampling = SamplingState(request.params, self.token_ids, index, constraint)
         self.processor = processor  # a SampleOutputProcessor (None where a test drives an engine directly)
         self.sink = sink
         # The native scheduler's bookkeeping: its state, arrival order and tokens with K/V in the cache.

@@ -113,7 +113,7 @@ def model_description(llama: Llama) -> str:
 class LlamaCppBackend(InProcessBackend):
     kind = "llamacpp"
     options_class = LlamaCppOptions
-    capabilities = Capabilities(batching="none", devices=("cpu", "gpu"))
+    capabilities = Capabilities(batching="none", structured=True, devices=("cpu", "gpu"))
 
     def load(self, progress: bool = True) -> None:
         spec = resolve_model(self.model_arg)

@@ -74,7 +74,8 @@ def weight_format_label(model: torch.nn.Module, dtype_name: str, quantization: s
 class NativeBackend(InProcessBackend):
     kind = "native"
     options_class = NativeOptions
-    capabilities = Capabilities(batching="continuous", prefix_cache=True, speculative=False, devices=("cpu", "cuda"))
+    capabilities = Capabilities(batching="continuous", prefix_cache=True, speculative=False, structured=True,
+                                devices=("cpu", "cuda"))
 
     def load(self, progress: bool = True) -> None:
         options: NativeOptions = self.options  # type: ignore[assignment]
@@ -144,4 +145,5 @@ class NativeBackend(InProcessBackend):
         self.engine = engine
         release_free_memory()
         self.capabilities = Capabilities(batching="continuous", prefix_cache=options.enable_prefix_caching,
-                                         speculative=speculative is not None, devices=("cpu", "cuda"))
+                                         speculative=speculative is not None, structured=True,
+                                         devices=("cpu", "cuda"))

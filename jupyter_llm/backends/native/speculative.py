@@ -228,7 +228,9 @@ class Speculator:
         wanted = []
         for seq, tokens in decoding:
             params = seq.params
-            if params.uses_penalties:
+            # penalties would change the verified distributions; a constrained sample's mask at a
+            # guessed position needs its grammar advanced over the guesses first: one token a step
+            if params.uses_penalties or params.structured is not None:
                 continue
             # Guessing beyond what the request may still emit (or the model may hold) is waste.
             room = min(params.max_tokens - seq.num_output_tokens, max_len - len(tokens)) - 1

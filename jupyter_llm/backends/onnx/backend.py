@@ -149,7 +149,7 @@ class ONNXStepEngine(StepEngine):
 class ONNXBackend(InProcessBackend):
     kind = "onnx"
     options_class = ONNXOptions
-    capabilities = Capabilities(batching="static", devices=("cpu", "cuda"))
+    capabilities = Capabilities(batching="static", structured=True, devices=("cpu", "cuda"))
 
     @property
     def threads(self) -> int:
