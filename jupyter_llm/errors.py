@@ -12,6 +12,10 @@ class ParamError(UserError, ValueError):
     """A sampling parameter or request field is out of range; the message says what is accepted."""
 
 
+class ConstraintError(ParamError):
+    """A structured-output constraint that does not compile for this backend's tokenizer."""
+
+
 class ModelNotFound(UserError, ValueError):
     """The model name is not an alias, a local path or (with a network) a hub id."""
 

@@ -31,8 +31,9 @@ class StructuredOutput:
 
     `spec` is the canonical JSON text of the schema (json_schema), the pattern (regex), the
     grammar's text (grammar), or the tuple of options (choice); json_object has none.
-    `strict` (OpenAI's json_schema flag): a schema keyword the compiler does not implement is
-    an error instead of being ignored."""
+    `strict` (OpenAI's json_schema flag): an object without `additionalProperties` takes no
+    properties beyond its own (as OpenAI's strict mode and xgrammar's strict mode), and a schema
+    keyword the compiler does not implement is an error instead of being ignored."""
 
     kind: str
     spec: str | tuple[str, ...] | None = None
@@ -150,7 +151,8 @@ def _grammar(kind: str, spec: str | tuple[str, ...] | None, strict: bool) -> str
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_LAYOUT)
     if kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(spec, defaults={**_JSON_LAYOUT, "lenient": not strict})
+        schema = _closed(json.loads(spec)) if strict else spec  # type: ignore[arg-type]
+        return LLMatcher.grammar_from_json_schema(schema, defaults={**_JSON_LAYOUT, "lenient": not strict})
     if kind == "regex":
         return LLMatcher.grammar_from_regex(spec)  # type: ignore[arg-type]
     if kind == "choice":
@@ -160,6 +162,31 @@ def _grammar(kind: str, spec: str | tuple[str, ...] | None, strict: bool) -> str
     except ValueError as error:  # GBNF that does not convert (a rule that is not defined...)
         why = str(error).removeprefix("Failed to convert the grammar from GBNF to Lark: ")
         raise ParamError(f"grammar does not compile: {why}") from None
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with additionalProperties false on every object schema that does not say."""
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            closed[key] = {name: _closed(sub) for name, sub in schema[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            closed[key] = [_closed(sub) for sub in schema[key]]
+    for key in _SCHEMAS:
+        if key in schema:
+            closed[key] = [_closed(sub) for sub in schema[key]] if isinstance(schema[key], list) \
+                else _closed(schema[key])
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
 @functools.lru_cache(maxsize=256)

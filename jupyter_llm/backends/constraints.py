@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from jupyter_llm.errors import ParamError
+from jupyter_llm.errors import ConstraintError
 from jupyter_llm.structured import StructuredOutput
 from jupyter_llm.tokenizers import GGUFVocab, Tokenizer
 
@@ -73,7 +73,7 @@ class GrammarCompiler:
         self.last_compile_ms: float | None = None
 
     def constraint(self, structured: StructuredOutput) -> Constraint:
-        """A fresh matcher for one sample (raises ParamError when the grammar admits no text)."""
+        """A fresh matcher for one sample (raises ConstraintError when the grammar admits no text)."""
         grammar = structured.grammar_text()
         with self._lock:
             template = self._compiled.get(grammar)
@@ -95,11 +95,11 @@ class GrammarCompiler:
         tokenizer = self._tokenizer()
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ParamError(f"{structured.describe()} does not compile: {matcher.get_error()}")
+            raise ConstraintError(f"{structured.describe()} does not compile: {matcher.get_error()}")
         probe = Constraint(matcher.deep_copy(), tokenizer.vocab_size)
         probe.fill_mask(torch.zeros(probe.mask_words, dtype=torch.int32))
         if probe.failed:  # e.g. a regex whose language is empty: no first token can extend it
-            raise ParamError(f"{structured.describe()} admits no text: nothing can be generated under it")
+            raise ConstraintError(f"{structured.describe()} admits no text: nothing can be generated under it")
         self.compiles += 1
         self.last_compile_ms = (time.perf_counter() - started) * 1000
         log.info("compiled a %s constraint in %.1f ms", structured.describe(), self.last_compile_ms)

@@ -167,6 +167,10 @@ def validation_error(error: RequestValidationError, content_type: str) -> APIErr
     first = max(errors, key=lambda e: (not e.get("type", "").endswith("_type"), len(e.get("loc", ()))))
     kind = first.get("type", "")
     loc = [str(part) for part in first.get("loc", ())[1:] if isinstance(part, int) or part in FIELD_NAMES]
+    if kind == "extra_forbidden":  # OpenAI's own words for a field it does not know
+        name = ".".join(str(part) for part in first.get("loc", ())[1:])
+        return APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
+                        code="unknown_parameter")
     if kind == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request. The body must be valid JSON "
                              "(sent with Content-Type: application/json).", code="invalid_json")

@@ -39,7 +39,9 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-_STRICT = ConfigDict(strict=True, extra="ignore")
+# strict: "0.5" is not a number; forbid: a field this server does not know is a 400 naming it,
+# not silently dropped
+_STRICT = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(BaseModel):
@@ -67,6 +69,13 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)  # a prefix-cache namespace
+    # output constraints (structured_fields.py): OpenAI's, then vLLM's and its older names
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # accepted and refused unless empty, so that nothing is silently ignored
     logit_bias: dict[str, float] | None = None
     user: str | None = None
@@ -101,7 +110,6 @@ class ChatRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 # Every field name of the request schemas: what is not one of them (nor an index) in a

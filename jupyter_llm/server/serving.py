@@ -30,7 +30,7 @@ from starlette.types import Receive
 
 from jupyter_llm.backends.base import Backend
 from jupyter_llm.completions import CompletionBuilder
-from jupyter_llm.errors import NoBackendError, ParamError, QueueFullError
+from jupyter_llm.errors import ConstraintError, NoBackendError, ParamError, QueueFullError
 from jupyter_llm.schema import Completion, GenerationRequest, PreparedRequest, SamplingParams, TokenEvent
 from jupyter_llm.server.failures import backend_failure, sample_failure
 from jupyter_llm.server.metrics import RequestTracker, ServerMetrics
@@ -48,6 +48,7 @@ from jupyter_llm.server.protocol import (
 from jupyter_llm.server.security import KeyChecker, cache_salt
 from jupyter_llm.server.settings import ServerSettings
 from jupyter_llm.server.sse import StreamResponse, sse
+from jupyter_llm.server.structured_fields import constraint_field, structured_output
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,9 +168,6 @@ class Generation:
         name, backend = self._backend(body.model)
         if body.tools:
             raise APIError(400, "tool calling is not supported by this server", param="tools", code="unsupported")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                           code="unsupported")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content, i)}
@@ -191,6 +189,8 @@ class Generation:
                            code="invalid_value")
         try:
             prepared = [backend.prepare(r) for r in requests]
+        except ConstraintError as error:  # compiled for the backend's tokenizer, after the fields' checks
+            raise APIError(400, str(error), param=constraint_field(body), code="invalid_value") from None
         except ParamError as error:
             raise user_error(error) from None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -265,7 +265,7 @@ class Generation:
                                 f"{budget} tokens per request. Please lower max_tokens, n or the number of prompts.",
                            param=limit_name if max_tokens > 1 else where, code="request_too_large")
         values: dict[str, Any] = {k: getattr(body, k) for k in _SAMPLING_NAMES if getattr(body, k) is not None}
-        values.update(max_tokens=max_tokens, logprobs=logprobs)
+        values.update(max_tokens=max_tokens, logprobs=logprobs, structured=structured_output(body))
         try:
             return SamplingParams(**values)
         except ParamError as error:

@@ -57,3 +57,22 @@ def test_mistakes_are_one_clear_param_error(build, says):
 def test_a_schema_keyword_the_compiler_lacks_is_ignored_unless_strict():
     loose = StructuredOutput.json({"type": "array", "uniqueItems": True})
     assert loose.kind == "json_schema" and not loose.strict
+
+
+def test_strict_closes_every_object_that_does_not_say_and_only_those():
+    from jupyter_llm.structured import _closed
+
+    schema = {"type": "object", "properties": {
+        "properties": {"type": "object"},  # a property that happens to be named "properties"
+        "open": {"type": "object", "additionalProperties": True},
+        "list": {"type": "array", "items": {"properties": {"x": {"type": "integer"}}}}},
+        "$defs": {"D": {"type": "object"}}, "anyOf": [{"type": "object"}, {"type": "string"}]}
+    closed = _closed(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]  # the map of names is not a schema
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["properties"]["list"]["items"]["additionalProperties"] is False
+    assert closed["$defs"]["D"]["additionalProperties"] is False
+    assert closed["anyOf"][0]["additionalProperties"] is False and "additionalProperties" not in closed["anyOf"][1]
+    assert schema["properties"]["properties"] == {"type": "object"}  # the caller's schema is not changed

@@ -54,6 +54,30 @@ def client(manager, tiny_hf):
     (CHAT, {"model": "tiny-hf", "messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "unsupported"),
     (CHAT, {"model": "tiny-hf", "messages": HELLO, "presence_penalty": 3}, 400, "presence_penalty",
      "invalid_value"),
+    # a field nobody knows is named, not dropped (OpenAI's words); so is one inside a message
+    (COMPLETIONS, {"model": "tiny-hf", "prompt": "Hi", "temprature": 0.5}, 400, "temprature", "unknown_parameter"),
+    (CHAT, {"model": "tiny-hf", "messages": [{"role": "user", "content": "x", "mood": "happy"}]}, 400,
+     "messages.0.mood", "unknown_parameter"),
+    # output constraints: each mistake names the field that carried it
+    (CHAT, {"model": "tiny-hf", "messages": HELLO, "response_format": {"type": "yaml"}}, 400, "response_format",
+     "invalid_value"),
+    (CHAT, {"model": "tiny-hf", "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objectx"}}}}, 400, "response_format", "invalid_value"),
+    (CHAT, {"model": "tiny-hf", "messages": HELLO, "response_format": {"type": "json_schema"}}, 400,
+     "response_format", "invalid_value"),
+    (COMPLETIONS, {"model": "tiny-hf", "prompt": "Hi", "structured_outputs": {"choice": []}}, 400,
+     "structured_outputs", "invalid_value"),
+    (COMPLETIONS, {"model": "tiny-hf", "prompt": "Hi", "structured_outputs": {"regex": "[a&&b]"}}, 400,
+     "structured_outputs", "invalid_value"),
+    (COMPLETIONS, {"model": "tiny-hf", "prompt": "Hi", "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400,
+     "structured_outputs", "invalid_value"),
+    (COMPLETIONS, {"model": "tiny-hf", "prompt": "Hi", "structured_outputs": {"structural_tag": "x"}}, 400,
+     "structured_outputs", "invalid_value"),
+    (COMPLETIONS, {"model": "tiny-hf", "prompt": "Hi", "guided_regex": "[a-"}, 400, "guided_regex", "invalid_value"),
+    (COMPLETIONS, {"model": "tiny-hf", "prompt": "Hi", "guided_grammar": "root ::= nothing"}, 400, "guided_grammar",
+     "invalid_value"),
+    (COMPLETIONS, {"model": "tiny-hf", "prompt": "Hi", "guided_regex": "a", "guided_choice": ["a"]}, 400,
+     "guided_choice", "invalid_value"),
 ])
 def test_bad_input_gets_an_openai_error(client, path, body, status, param, code):
     assert_openai_error(client.post(path, json=body), status, param, code)
