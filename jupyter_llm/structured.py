@@ -151,7 +151,7 @@ def _grammar(kind: str, spec: str | tuple[str, ...] | None, strict: bool) -> str
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_LAYOUT)
     if kind == "json_schema":
-        schema = _closed(json.loads(spec)) if strict else spec  # type: ignore[arg-type]
+        schema = closed_objects(json.loads(spec)) if strict else spec  # type: ignore[arg-type]
         return LLMatcher.grammar_from_json_schema(schema, defaults={**_JSON_LAYOUT, "lenient": not strict})
     if kind == "regex":
         return LLMatcher.grammar_from_regex(spec)  # type: ignore[arg-type]
@@ -169,21 +169,21 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
 
 
-def _closed(schema: Any) -> Any:
+def closed_objects(schema: Any) -> Any:
     """`schema` with additionalProperties false on every object schema that does not say."""
     if not isinstance(schema, dict):
         return schema
     closed = dict(schema)
     for key in _SCHEMA_MAPS:
         if isinstance(schema.get(key), dict):
-            closed[key] = {name: _closed(sub) for name, sub in schema[key].items()}
+            closed[key] = {name: closed_objects(sub) for name, sub in schema[key].items()}
     for key in _SCHEMA_LISTS:
         if isinstance(schema.get(key), list):
-            closed[key] = [_closed(sub) for sub in schema[key]]
+            closed[key] = [closed_objects(sub) for sub in schema[key]]
     for key in _SCHEMAS:
         if key in schema:
-            closed[key] = [_closed(sub) for sub in schema[key]] if isinstance(schema[key], list) \
-                else _closed(schema[key])
+            closed[key] = [closed_objects(sub) for sub in schema[key]] if isinstance(schema[key], list) \
+                else closed_objects(schema[key])
     if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
         closed["additionalProperties"] = False
     return closed

@@ -69,6 +69,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)  # a prefix-cache namespace
+    return_token_ids: bool | None = None  # each choice (and chunk) carries its generated token ids
     # output constraints (structured_fields.py): OpenAI's, then vLLM's and its older names
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -96,11 +97,28 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: str
+    arguments: str
+
+
+class ToolCallField(BaseModel):
+    """One call in an assistant message of the history."""
+
+    model_config = _STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None  # null (or absent) only beside tool_calls: tool_calls.py
     name: str | None = None
+    tool_calls: list[ToolCallField] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatRequest(SamplingFields):
@@ -110,11 +128,14 @@ class ChatRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # Every field name of the request schemas: what is not one of them (nor an index) in a
 # validation error's location is a union branch's tag, like 'list[str]'.
-FIELD_NAMES = frozenset(name for model in (CompletionRequest, ChatRequest, ChatMessage, ContentPart, StreamOptions)
+FIELD_NAMES = frozenset(name for model in (CompletionRequest, ChatRequest, ChatMessage, ContentPart, StreamOptions,
+                                           ToolCallField, FunctionCall)
                         for name in model.model_fields)
 
 

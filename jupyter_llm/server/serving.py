@@ -15,23 +15,23 @@ seconds; what it has not taken meanwhile is folded into one pending event per sa
 """
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive
 
 from jupyter_llm.backends.base import Backend
 from jupyter_llm.completions import CompletionBuilder
 from jupyter_llm.errors import ConstraintError, NoBackendError, ParamError, QueueFullError
 from jupyter_llm.schema import Completion, GenerationRequest, PreparedRequest, SamplingParams, TokenEvent
+from jupyter_llm.server.disconnect import ClientGone, until_disconnected
 from jupyter_llm.server.failures import backend_failure, sample_failure
 from jupyter_llm.server.metrics import RequestTracker, ServerMetrics
 from jupyter_llm.server.protocol import (
@@ -49,17 +49,14 @@ from jupyter_llm.server.security import KeyChecker, cache_salt
 from jupyter_llm.server.settings import ServerSettings
 from jupyter_llm.server.sse import StreamResponse, sse
 from jupyter_llm.server.structured_fields import constraint_field, structured_output
+from jupyter_llm.server.tool_calls import ToolChatShape, history, tool_use
+from jupyter_llm.structured import StructuredOutput
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed", "stop", "n", "ignore_eos")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 @dataclass
@@ -73,6 +70,7 @@ class Job:
     n: int
     stream: bool
     include_usage: bool
+    return_token_ids: bool = False
     id: str = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -86,27 +84,6 @@ class Job:
     def usage(self, completions: list[Completion]) -> dict[str, int]:
         prompt = sum(c.prompt_tokens for c in completions if c.index == 0)  # once per prompt, not per sample
         return usage(prompt, sum(c.completion_tokens for c in completions))
-
-
-async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})  # let it unwind: its stream closes and cancels the backend work
-    if task.cancelled():
-        raise ClientGone()
-    return task.result()
-
-
-async def _disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class Generation:
@@ -125,7 +102,8 @@ class Generation:
         return await self._run(self._salted(job, request, body), request)
 
     async def chat(self, body: ChatRequest, request: Request) -> Response:
-        chars = sum(len(message_text(m.content, i)) for i, m in enumerate(body.messages))
+        chars = sum(len(message_text(m.content or "", i)) for i, m in enumerate(body.messages))
+        chars += len(json.dumps(body.tools)) if body.tools else 0  # their descriptions join the prompt
         self._check_size(chars, "messages")
         # A chat template renders text around every message (roles, separators), even an empty one.
         work = chars + TEMPLATE_CHARS_PER_MESSAGE * len(body.messages)
@@ -166,18 +144,18 @@ class Generation:
 
     def _chat_job(self, body: ChatRequest) -> Job:
         name, backend = self._backend(body.model)
-        if body.tools:
-            raise APIError(400, "tool calling is not supported by this server", param="tools", code="unsupported")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content, i)}
-                    for i, m in enumerate(body.messages)]
+        use = tool_use(body)
+        messages = use.messages(history(body))
         ids = self._tokenize(backend, GenerationRequest(messages=messages), "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         limit = ("max_completion_tokens", body.max_completion_tokens) if body.max_completion_tokens is not None \
             else ("max_tokens", body.max_tokens)
-        params = self._params(body, backend, [None if ids is None else len(ids)], limit, None, logprobs)
-        return self._job(ChatShape(), name, backend, body,
+        params = self._params(body, backend, [None if ids is None else len(ids)], limit, None, logprobs,
+                              use.constraint())
+        shape = ToolChatShape(use) if use.offered else ChatShape()
+        return self._job(shape, name, backend, body,
                          [GenerationRequest(messages=messages, params=params, prompt_token_ids=ids)])
 
     def _job(self, shape: CompletionShape | ChatShape, name: str, backend: Backend, body: SamplingFields,
@@ -194,7 +172,9 @@ class Generation:
         except ParamError as error:
             raise user_error(error) from None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Job(shape, backend, name, prepared, prepared[0].params.n, bool(body.stream), include_usage)
+        # vLLM's return_token_ids; a tools answer is reshaped into calls, whose tokens it does not list
+        token_ids = bool(body.return_token_ids) and not isinstance(shape, ToolChatShape)
+        return Job(shape, backend, name, prepared, prepared[0].params.n, bool(body.stream), include_usage, token_ids)
 
     def _backend(self, model: str | None) -> tuple[str, Backend]:
         names = self.manager.names()
@@ -235,9 +215,11 @@ class Generation:
         return ids
 
     def _params(self, body: SamplingFields, backend: Backend, lengths: list[int | None],
-                limit: tuple[str, int | None], default: int | None, logprobs: int | None) -> SamplingParams:
+                limit: tuple[str, int | None], default: int | None, logprobs: int | None,
+                tool_constraint: StructuredOutput | None = None) -> SamplingParams:
         """SamplingParams for the body; `limit` is (the field that gave max_tokens, its value);
-        `lengths` are the prompts' token counts (None: not known here, the backend's server checks them)."""
+        `lengths` are the prompts' token counts (None: not known here, the backend's server checks them);
+        `tool_constraint`: the schema a required or named tool call is sampled under."""
         context = backend.max_model_len
         limit_name, max_tokens = limit
         longest = max((n for n in lengths if n is not None), default=0)
@@ -265,7 +247,12 @@ class Generation:
                                 f"{budget} tokens per request. Please lower max_tokens, n or the number of prompts.",
                            param=limit_name if max_tokens > 1 else where, code="request_too_large")
         values: dict[str, Any] = {k: getattr(body, k) for k in _SAMPLING_NAMES if getattr(body, k) is not None}
-        values.update(max_tokens=max_tokens, logprobs=logprobs, structured=structured_output(body))
+        structured = structured_output(body)
+        if structured is not None and tool_constraint is not None:
+            raise APIError(400, "tool_choice required or a named function already constrains the answer: drop "
+                                "response_format or the structured output field", param="tool_choice",
+                           code="invalid_value")
+        values.update(max_tokens=max_tokens, logprobs=logprobs, structured=structured or tool_constraint)
         try:
             return SamplingParams(**values)
         except ParamError as error:
@@ -319,6 +306,9 @@ class Generation:
         if failure is not None:
             raise failure
         choices = [job.shape.choice(i, c, c.finish_reason) for i, c in enumerate(completions)]
+        if job.return_token_ids:
+            for choice, c in zip(choices, completions):
+                choice["token_ids"] = c.token_ids
         return JSONResponse({**job.envelope(choices, chunk=False), "usage": job.usage(completions)})
 
     @staticmethod
@@ -338,7 +328,8 @@ class Generation:
             tracker.event(event)
             index = event.prompt_index * job.n + event.index
             failed = event.finish_reason in ("error", "cancelled")  # text folded in with it goes out first
-            if event.text or event.logprobs or not failed and (event.finish_reason or index not in started):
+            ids = event.token_ids if job.return_token_ids else []
+            if event.text or ids or event.logprobs or not failed and (event.finish_reason or index not in started):
                 logprobs = None
                 if event.logprobs:
                     logprobs = job.shape.logprobs(event.logprobs, offsets.get(index, 0))
@@ -346,10 +337,13 @@ class Generation:
                 delta = job.shape.delta(index, event.text, None if failed else event.finish_reason,
                                         event.stop_reason, logprobs, index not in started)
                 started.add(index)
-                chunk = job.envelope([delta], chunk=True)
-                if job.include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
+                if delta is not None:  # None: a shape holding text back (a tool call in the making)
+                    if job.return_token_ids:
+                        delta["token_ids"] = ids
+                    chunk = job.envelope([delta], chunk=True)
+                    if job.include_usage:
+                        chunk["usage"] = None
+                    yield sse(chunk)
             if failed:
                 failure = sample_failure(builder.completions()[index], job.backend)
                 state["outcome"] = failure.code

@@ -60,14 +60,14 @@ def test_a_schema_keyword_the_compiler_lacks_is_ignored_unless_strict():
 
 
 def test_strict_closes_every_object_that_does_not_say_and_only_those():
-    from jupyter_llm.structured import _closed
+    from jupyter_llm.structured import closed_objects
 
     schema = {"type": "object", "properties": {
         "properties": {"type": "object"},  # a property that happens to be named "properties"
         "open": {"type": "object", "additionalProperties": True},
         "list": {"type": "array", "items": {"properties": {"x": {"type": "integer"}}}}},
         "$defs": {"D": {"type": "object"}}, "anyOf": [{"type": "object"}, {"type": "string"}]}
-    closed = _closed(schema)
+    closed = closed_objects(schema)
     assert closed["additionalProperties"] is False
     assert closed["properties"]["properties"]["additionalProperties"] is False
     assert "additionalProperties" not in closed["properties"]  # the map of names is not a schema

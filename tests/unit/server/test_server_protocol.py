@@ -51,7 +51,7 @@ def client(manager, tiny_hf):
     (CHAT, {"model": "tiny-hf", "messages": HELLO, "max_completion_tokens": 1000}, 400, "max_completion_tokens",
      "context_length_exceeded"),
     (CHAT, {"model": "tiny-hf", "messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),
-    (CHAT, {"model": "tiny-hf", "messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "unsupported"),
+    (CHAT, {"model": "tiny-hf", "messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "invalid_value"),
     (CHAT, {"model": "tiny-hf", "messages": HELLO, "presence_penalty": 3}, 400, "presence_penalty",
      "invalid_value"),
     # a field nobody knows is named, not dropped (OpenAI's words); so is one inside a message
