@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.errors import ParamError
 from jupyter_llm.schema import GenerationRequest, Message, PreparedRequest, TokenEvent
+from jupyter_llm.structured import KINDS
 
 
 def missing_packages(*modules: str) -> list[str]:
@@ -52,11 +53,14 @@ class Capabilities:
     min_p: bool = True
     chat: bool = True
     structured: bool = False  # constrained output (SamplingParams.structured)
+    structured_kinds: tuple[str, ...] = KINDS  # the StructuredOutput kinds it constrains, when structured
+    structured_logprobs: bool = True  # a constrained sample's logprobs are those under the mask
     devices: tuple[str, ...] = ("cpu",)
 
     def refusal(self, request: GenerationRequest, backend: str) -> str | None:
         """Why this request asks for something the backend cannot do, or None."""
         p = request.params
+        kind = p.structured.kind if p.structured is not None else None
         checks = [
             (p.logprobs is not None and not self.logprobs, "logprobs"),
             (p.seed is not None and not self.seeds, "seed"),
@@ -64,7 +68,11 @@ class Capabilities:
             (p.top_k > 0 and not self.top_k, "top_k"),
             (p.min_p > 0 and not self.min_p, "min_p"),
             (request.is_chat and not self.chat, "chat messages"),
-            (p.structured is not None and not self.structured, "structured output"),
+            (kind is not None and not self.structured, "structured output"),
+            (kind is not None and self.structured and kind not in self.structured_kinds,
+             f"{kind} structured output (it takes {', '.join(self.structured_kinds)})"),
+            (kind is not None and p.logprobs is not None and not self.structured_logprobs,
+             "logprobs with structured output"),
         ]
         missing = [name for failed, name in checks if failed]
         return f"backend {backend!r} does not support {', '.join(missing)}" if missing else None

@@ -1,6 +1,6 @@
 """What the in-process GPU backends (vllm, trtllm) share: the options and SamplingParams
-fields both engines name alike, building an engine outside any running event loop, and
-turning an engine's cumulative per-sample outputs into TokenEvents."""
+fields both engines name alike (structured output's too), building an engine outside any
+running event loop, and turning an engine's cumulative per-sample outputs into TokenEvents."""
 from __future__ import annotations
 
 import threading
@@ -14,6 +14,7 @@ from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.backends.tokenizer_api import TokenizerServices
 from jupyter_llm.errors import ParamError
 from jupyter_llm.schema import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
+from jupyter_llm.structured import StructuredOutput
 
 T = TypeVar("T")
 
@@ -53,6 +54,18 @@ def shared_sampling_kwargs(params: SamplingParams, **engine_values: Any) -> dict
             "repetition_penalty": params.repetition_penalty, "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty, "seed": params.seed, "stop": list(params.stop),
             "ignore_eos": params.ignore_eos, "logprobs": params.logprobs, **engine_values}
+
+
+def guided_fields(structured: StructuredOutput) -> dict[str, Any]:
+    """The field, with its value, of vLLM's StructuredOutputsParams (GuidedDecodingParams before
+    0.10.2) that holds `structured`; TensorRT-LLM's GuidedDecodingParams names them alike, less choice."""
+    if structured.kind == "json_schema":
+        return {"json": structured.schema}
+    if structured.kind == "json_object":
+        return {"json_object": True}
+    if structured.kind == "choice":
+        return {"choice": list(structured.spec)}  # type: ignore[arg-type]
+    return {structured.kind: structured.spec}
 
 
 def build_outside_loop(build: Callable[[], T]) -> T:

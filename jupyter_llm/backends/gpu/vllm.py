@@ -4,7 +4,11 @@
 of `AsyncLLM`); `engine.generate(prompt, sampling_params, request_id)` streams cumulative
 RequestOutputs, which `OutputTracker` turns into delta events; closing the stream aborts
 the request in the engine. vLLM samples, detokenizes and matches stop strings itself:
-every SamplingParams field maps to vLLM's field of the same name.
+every SamplingParams field maps to vLLM's field of the same name, except `structured`:
+`structured_outputs=StructuredOutputsParams(...)` (vLLM >= 0.10.2), before that
+`guided_decoding=GuidedDecodingParams(...)` with the same fields; a vLLM with neither does not
+constrain (capabilities.structured is False). vLLM has no `strict`: its grammar backends take
+the schema keywords they implement.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from jupyter_llm.backends.gpu.engine import (
     GPUEngineBackend,
     GPUEngineOptions,
     build_outside_loop,
+    guided_fields,
     memory_fraction,
     shared_engine_kwargs,
     shared_sampling_kwargs,
@@ -52,9 +57,28 @@ def engine_kwargs(model: str, options: VLLMOptions) -> dict[str, Any]:
     return kwargs
 
 
-def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
-    """vllm.SamplingParams keyword arguments, field by field (vLLM disables top_k with -1)."""
-    return shared_sampling_kwargs(params, top_k=params.top_k or -1)
+# (vllm.SamplingParams field, the class of its value) that carries structured output
+StructuredAPI = tuple[str, type]
+
+
+def structured_api() -> StructuredAPI | None:
+    """How the installed vLLM takes structured output; None when it does not."""
+    from vllm import sampling_params
+
+    for field, name in (("structured_outputs", "StructuredOutputsParams"), ("guided_decoding", "GuidedDecodingParams")):
+        if hasattr(sampling_params, name):
+            return field, getattr(sampling_params, name)
+    return None
+
+
+def sampling_kwargs(params: SamplingParams, api: StructuredAPI | None = None) -> dict[str, Any]:
+    """vllm.SamplingParams keyword arguments, field by field (vLLM disables top_k with -1); a
+    constraint goes in `api`'s field (a backend without one refuses constrained requests)."""
+    kwargs = shared_sampling_kwargs(params, top_k=params.top_k or -1)
+    if params.structured is not None and api is not None:
+        field, cls = api
+        kwargs[field] = cls(**guided_fields(params.structured))
+    return kwargs
 
 
 def _config_value(engine: Any, section: str, name: str) -> Any:
@@ -75,6 +99,7 @@ class VLLMBackend(GPUEngineBackend):
     def __init__(self, model: str | None = None, **options: Any):
         super().__init__(model, **options)
         self.engine: AsyncLLMEngine | None = None
+        self.structured_api: StructuredAPI | None = None
 
     def load(self, progress: bool = True) -> None:
         options: VLLMOptions = self.options  # type: ignore[assignment]
@@ -96,7 +121,9 @@ class VLLMBackend(GPUEngineBackend):
         self._max_model_len = int(_config_value(self.engine, "model_config", "max_model_len")
                                   or options.max_model_len or 2048)
         prefix = _config_value(self.engine, "cache_config", "enable_prefix_caching")
-        self.capabilities = replace(self.capabilities, prefix_cache=bool(prefix))
+        self.structured_api = structured_api()
+        self.capabilities = replace(self.capabilities, prefix_cache=bool(prefix),
+                                    structured=self.structured_api is not None)
 
     async def stop(self) -> None:
         engine, self.engine = self.engine, None
@@ -112,7 +139,8 @@ class VLLMBackend(GPUEngineBackend):
 
         prompt_ids, tracker = self.open_request(request)
         outputs = self.engine.generate({"prompt_token_ids": prompt_ids},
-                                       VLLMSamplingParams(**sampling_kwargs(request.params)), request.id)
+                                       VLLMSamplingParams(**sampling_kwargs(request.params, self.structured_api)),
+                                       request.id)
         try:
             async for event in stream_events(outputs, tracker, len(prompt_ids), self.meter):
                 yield event

@@ -50,6 +50,7 @@ from jupyter_llm.backends.openai.wire import (
     refusal_error,
     refusals,
     request_body,
+    structured_fields,
 )
 from jupyter_llm.backends.options import BackendOptions
 from jupyter_llm.errors import BackendError, ParamError
@@ -156,7 +157,7 @@ class OpenAIBackend(Backend):
         owner = str(card.get("owned_by", ""))
         if self.dialect == "auto":
             self.dialect = detect_dialect(owner)
-        self.capabilities = capabilities_for(self.dialect)
+        self.capabilities = capabilities_for(self.dialect, owner)
         self._token_ids_from_server = self.dialect == "vllm" and owner in TOKEN_ID_OWNERS
         told = opts.max_model_len or card.get("max_model_len")
         self._max_model_len_known = bool(told)
@@ -189,10 +190,12 @@ class OpenAIBackend(Backend):
     # --- generation -------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
         super().check_request(request)
-        refused = refusals(request.params, self.dialect, bool(self.eos_token_ids))
+        refused = refusals(request.params, self.dialect, bool(self.eos_token_ids), request.is_chat)
         if refused:
             raise ParamError(f"backend 'openai' ({self.dialect} dialect) does not support "
                              f"{', '.join(refused)}")
+        if request.params.structured is not None:  # a schema the dialect cannot convert fails here, not mid-send
+            structured_fields(request.params.structured, self.dialect, request.is_chat)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int] | None:
         """The local tokenizer's ids (those _local_prompt_tokens counts); without one, None: the

@@ -10,6 +10,14 @@ A dialect is the set of fields a family of servers understands beyond OpenAI's o
   openai    OpenAI's API: only its own fields; the others are refused before sending;
             max_completion_tokens for chat (its reasoning models refuse max_tokens)
 
+Structured output (`SamplingParams.structured`) goes as each family asks for it:
+  vllm      JSON as OpenAI's `response_format` (vLLM, SGLang and trtllm-serve take it on both
+            endpoints); regex, choice and grammar in vLLM's `structured_outputs` (vLLM >= 0.10.2)
+  llamacpp  a GBNF `grammar` (both servers take it on both endpoints); JSON on chat as
+            `response_format` {"type": "json_object", "schema": ...}, on completions turned into
+            GBNF here by llama-cpp-python's converter; no regex
+  openai    JSON as `response_format`, on chat only
+
 vLLM's and OpenAI's servers sample `n` in one request (the prompt is processed and billed
 once) and stop at the stop strings sent to them (vLLM says which one matched, in
 `stop_reason`). llama-cpp-python ignores `n` and drops a stop string without saying which
@@ -18,6 +26,8 @@ one matched: it gets one request per sample, and its stop strings are matched he
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -27,6 +37,7 @@ from jupyter_llm.backends.base import Capabilities
 from jupyter_llm.backends.openai.resilience import UPSTREAM, retry_after_seconds
 from jupyter_llm.errors import BackendError, ParamError, UpstreamBusy
 from jupyter_llm.schema import GenerationRequest, SamplingParams
+from jupyter_llm.structured import KINDS, StructuredOutput
 
 DIALECTS = ("auto", "vllm", "llamacpp", "openai")
 # /v1/models "owned_by" of known servers -> dialect; anything else speaks vLLM's extras.
@@ -35,6 +46,12 @@ _OWNERS = {"me": "llamacpp", "llamacpp": "llamacpp", "llama.cpp": "llamacpp",
 # Servers asked for generated token ids (`return_token_ids`: vLLM 0.10.2+; others ignore it).
 TOKEN_ID_OWNERS = ("vllm", "jupyter-llm")
 SERVER_SIDE_N = ("vllm", "openai")  # dialects whose servers take n and stop strings
+# The StructuredOutput kinds each dialect can ask for (see structured_fields).
+STRUCTURED_KINDS = {"vllm": KINDS, "llamacpp": ("json_object", "json_schema", "choice", "grammar"),
+                    "openai": ("json_object", "json_schema")}
+# Servers of a constraining dialect that do not read its structured-output fields yet: this
+# project's own server (its part of issue 17 comes separately).
+UNCONSTRAINED_OWNERS = ("jupyter-llm",)
 _CONTEXT_ERROR = re.compile(r"context (length|window)|maximum context|max_model_len|too long|exceed", re.IGNORECASE)
 
 
@@ -42,14 +59,19 @@ def detect_dialect(owned_by: str) -> str:
     return _OWNERS.get(owned_by.lower(), "vllm")
 
 
-def capabilities_for(dialect: str) -> Capabilities:
+def capabilities_for(dialect: str, owner: str = "") -> Capabilities:
+    """What a server of `dialect` honours; `owner` is its /v1/models "owned_by"."""
+    common: dict[str, Any] = {"devices": ("remote",), "structured": owner.lower() not in UNCONSTRAINED_OWNERS,
+                              "structured_kinds": STRUCTURED_KINDS[dialect],
+                              # llama.cpp's servers report logprobs from the logits before the grammar's mask
+                              "structured_logprobs": dialect != "llamacpp"}
     if dialect == "openai":
-        return Capabilities(top_k=False, min_p=False, batching="continuous", devices=("remote",))
+        return Capabilities(top_k=False, min_p=False, batching="continuous", **common)
     # llama-cpp-python's server takes one request at a time.
-    return Capabilities(batching="none" if dialect == "llamacpp" else "continuous", devices=("remote",))
+    return Capabilities(batching="none" if dialect == "llamacpp" else "continuous", **common)
 
 
-def refusals(params: SamplingParams, dialect: str, eos_known: bool) -> list[str]:
+def refusals(params: SamplingParams, dialect: str, eos_known: bool, chat: bool = False) -> list[str]:
     """Fields the capability record cannot express that this dialect cannot send."""
     refused = []
     if dialect == "openai":
@@ -59,7 +81,90 @@ def refusals(params: SamplingParams, dialect: str, eos_known: bool) -> list[str]
             refused.append("ignore_eos")
     if dialect == "llamacpp" and params.ignore_eos and not eos_known:
         refused.append("ignore_eos (the end-of-sequence ids are unknown: pass --tokenizer)")
+    if params.structured is not None:
+        refused += _structured_refusals(params.structured, dialect, chat)
     return refused
+
+
+def _structured_refusals(structured: StructuredOutput, dialect: str, chat: bool) -> list[str]:
+    if dialect == "openai" and not chat:
+        return ["structured output on /v1/completions (OpenAI's response_format is for chat messages only)"]
+    if dialect != "llamacpp":
+        return []
+    refused = []
+    if structured.strict:
+        refused.append("a strict json_schema (llama.cpp's converter ignores the schema keywords it does not "
+                       "implement, such as minimum and maximum)")
+    if structured.is_json and not chat and importlib.util.find_spec("llama_cpp") is None:
+        refused.append("JSON structured output on /v1/completions without llama-cpp-python installed here (it "
+                       "turns the schema into the GBNF grammar the server takes; or send chat messages)")
+    if structured.kind == "grammar" and not _is_gbnf(structured.spec):  # type: ignore[arg-type]
+        refused.append("a Lark grammar (llama.cpp's servers take GBNF grammars, with 'rule ::= ...' lines)")
+    return refused
+
+
+def structured_fields(structured: StructuredOutput, dialect: str, chat: bool) -> dict[str, Any]:
+    """The body fields that ask a server of `dialect` for `structured` (what `refusals` lets
+    through; raises ParamError for a schema llama.cpp's converter cannot turn into GBNF)."""
+    if structured.kind not in STRUCTURED_KINDS[dialect]:
+        raise ParamError(f"the {dialect} dialect cannot send {structured.kind} structured output; it takes "
+                         f"{', '.join(STRUCTURED_KINDS[dialect])}")
+    if dialect == "llamacpp":
+        return _llamacpp_fields(structured, chat)
+    if structured.is_json:
+        return {"response_format": _response_format(structured)}
+    spec = list(structured.spec) if structured.kind == "choice" else structured.spec  # type: ignore[arg-type]
+    return {"structured_outputs": {structured.kind: spec}}
+
+
+def _response_format(structured: StructuredOutput) -> dict[str, Any]:
+    """OpenAI's response_format for a JSON constraint."""
+    if structured.kind == "json_object":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": structured.schema,
+                                                   "strict": structured.strict}}
+
+
+def _llamacpp_fields(structured: StructuredOutput, chat: bool) -> dict[str, Any]:
+    if structured.is_json and chat:  # the server converts the schema ({"type": "object"} for json_object)
+        return {"response_format": {"type": "json_object", "schema": structured.schema}}
+    if structured.is_json:
+        return {"grammar": _schema_gbnf(json.dumps(structured.schema))}
+    if structured.kind == "choice":
+        return {"grammar": gbnf_choice(structured.spec)}  # type: ignore[arg-type]
+    return {"grammar": structured.spec}
+
+
+def _is_gbnf(grammar: str) -> bool:
+    return "::=" in grammar
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_gbnf(schema: str) -> str:
+    """A JSON schema as GBNF, by llama-cpp-python's converter (the one its server uses)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(schema)
+    except Exception as error:  # noqa: BLE001 (the converter asserts, or raises what it meets)
+        raise ParamError(f"llama.cpp's converter cannot turn this JSON schema into a grammar: {error}") from None
+
+
+_GBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def gbnf_choice(options: tuple[str, ...]) -> str:
+    """A GBNF grammar whose text is exactly one of `options`."""
+    return "root ::= " + " | ".join(_gbnf_literal(option) for option in options)
+
+
+def _gbnf_literal(text: str) -> str:
+    def escape(char: str) -> str:
+        if char in _GBNF_ESCAPES:
+            return _GBNF_ESCAPES[char]
+        return f"\\x{ord(char):02x}" if ord(char) < 0x20 or ord(char) == 0x7F else char
+
+    return '"' + "".join(escape(char) for char in text) + '"'
 
 
 def request_body(request: GenerationRequest, model: str, dialect: str, *, seed: int | None, n: int = 1,
@@ -89,6 +194,8 @@ def request_body(request: GenerationRequest, model: str, dialect: str, *, seed: 
             body["logit_bias"] = {str(i): -100.0 for i in sorted(eos_ids)}
     if token_ids:
         body["return_token_ids"] = True
+    if p.structured is not None:
+        body.update(structured_fields(p.structured, dialect, request.is_chat))
     if request.is_chat:
         body["messages"] = request.messages
         if p.logprobs is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
+import re
 import sys
 import types
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from jupyter_llm.backends.gpu import trtllm, vllm
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.manager import EngineManager
 from jupyter_llm.schema import GenerationRequest, SamplingParams
+from jupyter_llm.structured import StructuredOutput
 
 FULL = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.2,
                       presence_penalty=0.3, frequency_penalty=0.4, seed=3, stop=("x", "y"), n=2, logprobs=2,
@@ -25,16 +27,19 @@ FULL = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
+SAME_NAMED = SAMPLING_FIELDS - {"structured"}  # the engines name the constraint's field their own way
+
+
 def test_vllm_maps_every_sampling_field_by_its_own_name():
     kwargs = vllm.sampling_kwargs(FULL)
-    assert set(kwargs) == SAMPLING_FIELDS
-    assert kwargs == {**{name: getattr(FULL, name) for name in SAMPLING_FIELDS}, "stop": ["x", "y"]}
+    assert set(kwargs) == SAME_NAMED
+    assert kwargs == {**{name: getattr(FULL, name) for name in SAME_NAMED}, "stop": ["x", "y"]}
     assert vllm.sampling_kwargs(SamplingParams())["top_k"] == -1  # vLLM's "off"
 
 
 def test_trtllm_maps_every_sampling_field_by_its_own_name():
     kwargs = trtllm.sampling_kwargs(FULL)
-    assert set(kwargs) == SAMPLING_FIELDS
+    assert set(kwargs) == SAME_NAMED
     assert kwargs["top_k"] == 5 and kwargs["min_p"] == 0.1 and kwargs["stop"] == ["x", "y"]
     off = trtllm.sampling_kwargs(SamplingParams())
     assert off["top_k"] is None and off["min_p"] is None and off["stop"] is None
@@ -283,3 +288,197 @@ def test_output_tracker_handles_float_logprobs():
                           stop_reason=None)
     [event] = tracker.events([out], prompt_tokens=2)
     assert event.logprobs[0].logprob == -0.25 and event.finish_reason == "length" and tracker.done
+
+
+# --- structured output ----------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+CONSTRAINTS = [StructuredOutput.json(SCHEMA), StructuredOutput.json(), StructuredOutput.regex("[0-9]{3}"),
+               StructuredOutput.choice(["yes", "no"]), StructuredOutput.grammar('root ::= "a" | "b"')]
+
+
+@dataclasses.dataclass
+class StructuredOutputsParams:
+    """vllm.sampling_params.StructuredOutputsParams's fields (vLLM >= 0.10.2), one constraint each."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self):
+        constraints = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+        if sum(getattr(self, name) is not None for name in constraints) != 1:
+            raise ValueError("exactly one kind of structured outputs constraint")
+
+
+@dataclasses.dataclass
+class OldGuidedDecodingParams:
+    """vllm.sampling_params.GuidedDecodingParams's fields (vLLM 0.6.3 to 0.10.1)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    backend: str | None = None
+    whitespace_pattern: str | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class TRTGuidedDecodingParams:
+    """tensorrt_llm.sampling_params.GuidedDecodingParams's fields (1.x); no choice."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    structural_tag: str | None = None
+
+
+def expected_fields(structured: StructuredOutput) -> dict:
+    """The one field each engine's params class holds a constraint in (vLLM's names)."""
+    if structured.kind == "json_schema":
+        return {"json": SCHEMA}
+    if structured.kind == "json_object":
+        return {"json_object": True}
+    return {structured.kind: list(structured.spec) if structured.kind == "choice" else structured.spec}
+
+
+def vllm_sampling_module(monkeypatch, *classes):
+    """vllm.sampling_params holding `classes` (under vLLM's names for them)."""
+    module = types.ModuleType("vllm.sampling_params")
+    for cls in classes:
+        setattr(module, "StructuredOutputsParams" if cls is StructuredOutputsParams else "GuidedDecodingParams", cls)
+    sys.modules["vllm"].sampling_params = module
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", module)
+
+
+@pytest.mark.parametrize("cls, field", [(StructuredOutputsParams, "structured_outputs"),
+                                        (OldGuidedDecodingParams, "guided_decoding")])
+@pytest.mark.parametrize("structured", CONSTRAINTS, ids=lambda s: s.kind)
+def test_vllm_maps_each_constraint_to_its_field(fake_vllm, monkeypatch, cls, field, structured):
+    vllm_sampling_module(monkeypatch, cls)
+    api = vllm.structured_api()
+    assert api == (field, cls)
+    kwargs = vllm.sampling_kwargs(SamplingParams(structured=structured), api)
+    assert kwargs[field] == cls(**expected_fields(structured))
+    assert field not in vllm.sampling_kwargs(SamplingParams(), api)
+
+
+def test_vllm_prefers_structured_outputs_and_knows_when_it_has_neither(fake_vllm, monkeypatch):
+    vllm_sampling_module(monkeypatch, StructuredOutputsParams, OldGuidedDecodingParams)
+    assert vllm.structured_api() == ("structured_outputs", StructuredOutputsParams)  # 0.10.2 kept both for a while
+    vllm_sampling_module(monkeypatch)
+    assert vllm.structured_api() is None
+
+
+def fake_vllm_load(monkeypatch, engine) -> vllm.VLLMBackend:
+    """VLLMBackend.load on the fake vllm module: no model files, the engine given."""
+    sys.modules["vllm"].AsyncEngineArgs = lambda **kwargs: kwargs
+    sys.modules["vllm"].AsyncLLMEngine = SimpleNamespace(from_engine_args=lambda args: engine)
+    monkeypatch.setattr(vllm, "resolve_model", lambda name: SimpleNamespace(name="m"))
+    monkeypatch.setattr(vllm, "ensure_hf_folder", lambda spec, progress: "/m")
+    monkeypatch.setattr(vllm, "load_tokenizer", lambda path: FakeTokenizer())
+    backend = vllm.VLLMBackend()
+    backend.load(progress=False)
+    backend._max_model_len = 16
+    return backend
+
+
+def test_vllm_sends_a_constraint_where_its_version_takes_one(fake_vllm, monkeypatch):
+    engine = FakeVLLMEngine(PIECES, finish="stop")
+    vllm_sampling_module(monkeypatch, StructuredOutputsParams)
+    backend = fake_vllm_load(monkeypatch, engine)
+    assert backend.capabilities.structured
+    choice = StructuredOutput.choice(["Paris", "Rome"])
+    asyncio.run(collect(backend, GenerationRequest(prompt="a", params=SamplingParams(structured=choice))))
+    assert engine.calls[0][1]["structured_outputs"] == StructuredOutputsParams(choice=["Paris", "Rome"])
+    vllm_sampling_module(monkeypatch)  # a vLLM older than guided decoding
+    old = fake_vllm_load(monkeypatch, engine)
+    assert not old.capabilities.structured
+    with pytest.raises(ParamError, match="does not support structured output"):
+        asyncio.run(collect(old, GenerationRequest(prompt="a", params=SamplingParams(structured=choice))))
+    asyncio.run(collect(old, GenerationRequest(prompt="a")))  # unconstrained requests still run
+
+
+@pytest.mark.parametrize("structured", CONSTRAINTS, ids=lambda s: s.kind)
+def test_trtllm_maps_each_constraint_and_a_choice_as_a_regex(structured):
+    guided = trtllm.sampling_kwargs(SamplingParams(structured=structured), TRTGuidedDecodingParams)["guided_decoding"]
+    if structured.kind == "choice":
+        assert guided == TRTGuidedDecodingParams(regex=trtllm.regex_choice(structured.spec))
+    else:
+        assert guided == TRTGuidedDecodingParams(**expected_fields(structured))
+    assert "guided_decoding" not in trtllm.sampling_kwargs(SamplingParams(), TRTGuidedDecodingParams)
+
+
+def test_a_choice_regex_matches_exactly_its_options():
+    options = ("a.b", "(x)|y", "1+1=2?", "back\\slash", "[z]{2}^$*", "plain")
+    pattern = trtllm.regex_choice(options)
+    assert all(re.fullmatch(pattern, option) for option in options)
+    for other in ("axb", "x", "y", "11=2", "zz", "plai", "plainplain", "a.bplain"):
+        assert not re.fullmatch(pattern, other), other
+
+
+def fake_trtllm_load(monkeypatch, guided, **options) -> tuple[trtllm.TRTLLMBackend, dict]:
+    """TRTLLMBackend.load on a fake tensorrt_llm whose GuidedDecodingParams is `guided` (None: a
+    version without); the backend and the keyword arguments its LLM was built with."""
+    built = {}
+
+    def build_llm(**kwargs):
+        built.update(kwargs)
+        return FakeLLM()
+
+    package = types.ModuleType("tensorrt_llm")
+    package.SamplingParams = lambda **kwargs: kwargs
+    package.LLM = build_llm
+    llmapi = types.ModuleType("tensorrt_llm.llmapi")
+    llmapi.KvCacheConfig = lambda **kwargs: kwargs
+    sampling = types.ModuleType("tensorrt_llm.sampling_params")
+    if guided is not None:
+        sampling.GuidedDecodingParams = guided
+    package.llmapi, package.sampling_params = llmapi, sampling
+    for name, module in (("tensorrt_llm", package), ("tensorrt_llm.llmapi", llmapi),
+                         ("tensorrt_llm.sampling_params", sampling)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(trtllm, "resolve_model", lambda name: SimpleNamespace(name="m"))
+    monkeypatch.setattr(trtllm, "ensure_hf_folder", lambda spec, progress: "/m")
+    monkeypatch.setattr(trtllm, "load_tokenizer", lambda path: FakeTokenizer())
+    backend = trtllm.TRTLLMBackend(**options)
+    backend.load(progress=False)
+    backend._max_model_len = 16
+    return backend, built
+
+
+def test_trtllm_builds_its_llm_with_a_guided_decoding_backend(monkeypatch):
+    backend, built = fake_trtllm_load(monkeypatch, TRTGuidedDecodingParams)
+    assert built["guided_decoding_backend"] == "xgrammar" and backend.capabilities.structured
+    regex = StructuredOutput.regex("[a-z]+")
+    asyncio.run(collect(backend, GenerationRequest(prompt="a", params=SamplingParams(structured=regex)), limit=1))
+    assert backend.llm.calls[0][1]["guided_decoding"] == TRTGuidedDecodingParams(regex="[a-z]+")
+    _, built = fake_trtllm_load(monkeypatch, TRTGuidedDecodingParams, guided_decoding_backend="llguidance")
+    assert built["guided_decoding_backend"] == "llguidance"
+    for guided, options in ((None, {}), (TRTGuidedDecodingParams, {"guided_decoding_backend": "none"})):
+        unguided, built = fake_trtllm_load(monkeypatch, guided, **options)
+        assert "guided_decoding_backend" not in built and built["model"] == "/m"
+        assert not unguided.capabilities.structured
+        with pytest.raises(ParamError, match="does not support structured output"):
+            unguided.check_request(GenerationRequest(prompt="a", params=SamplingParams(structured=regex)))
+    with pytest.raises(ParamError, match="guided-decoding-backend must be one of xgrammar, llguidance, none"):
+        trtllm.llm_kwargs("/m", trtllm.TRTLLMOptions(guided_decoding_backend="outlines"), guided=True)
+
+
+def test_trtllm_xgrammar_refuses_a_lark_grammar(monkeypatch):
+    lark = GenerationRequest(prompt="a", params=SamplingParams(structured=StructuredOutput.grammar('start: "a"')))
+    gbnf = GenerationRequest(prompt="a", params=SamplingParams(structured=StructuredOutput.grammar('root ::= "a"')))
+    xgrammar, _ = fake_trtllm_load(monkeypatch, TRTGuidedDecodingParams)
+    with pytest.raises(ParamError, match="xgrammar takes GBNF grammars"):
+        xgrammar.check_request(lark)
+    xgrammar.check_request(gbnf)
+    llguidance, _ = fake_trtllm_load(monkeypatch, TRTGuidedDecodingParams, guided_decoding_backend="llguidance")
+    llguidance.check_request(lark)

@@ -1,21 +1,28 @@
 """The openai backend's wire format: request bodies per dialect, stream chunks, server errors."""
 from __future__ import annotations
 
+import ast
+import importlib.util
+import json
+
 import pytest
 
-from jupyter_llm.backends.openai.backend import normalize_url
+from jupyter_llm.backends.openai.backend import OpenAIBackend, normalize_url
 from jupyter_llm.backends.openai.wire import (
     capabilities_for,
     detect_dialect,
     error_message,
+    gbnf_choice,
     parse_chunk,
     refusal_error,
     refusals,
     request_body,
     sse_payload,
+    structured_fields,
 )
 from jupyter_llm.errors import BackendError, ParamError
 from jupyter_llm.schema import GenerationRequest, SamplingParams
+from jupyter_llm.structured import KINDS, StructuredOutput
 
 FULL = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.2,
                       presence_penalty=0.3, frequency_penalty=0.4, seed=3, stop=("x",), n=2, logprobs=2,
@@ -170,3 +177,108 @@ def test_urls():
     assert normalize_url("https://api.example.com/openai/v1") == "https://api.example.com/openai/v1"
     with pytest.raises(ParamError):
         normalize_url("localhost:8000")
+
+
+# --- structured output -------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def body_for(structured, dialect, chat=False):
+    params = SamplingParams(structured=structured)
+    request = GenerationRequest(messages=CHAT, params=params) if chat else GenerationRequest(prompt="hi", params=params)
+    return request_body(request, "m", dialect, seed=None)[1]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_vllm_dialect_sends_json_as_response_format_and_the_rest_as_structured_outputs(chat):
+    strict = body_for(StructuredOutput.json(SCHEMA, strict=True), "vllm", chat)
+    assert strict["response_format"] == {"type": "json_schema",
+                                         "json_schema": {"name": "output", "schema": SCHEMA, "strict": True}}
+    assert body_for(StructuredOutput.json(), "vllm", chat)["response_format"] == {"type": "json_object"}
+    assert body_for(StructuredOutput.regex("[0-9]+"), "vllm", chat)["structured_outputs"] == {"regex": "[0-9]+"}
+    assert body_for(StructuredOutput.choice(["a", "b"]), "vllm", chat)["structured_outputs"] == {"choice": ["a", "b"]}
+    grammar = 'root ::= "x"'
+    assert body_for(StructuredOutput.grammar(grammar), "vllm", chat)["structured_outputs"] == {"grammar": grammar}
+    assert "structured_outputs" not in strict and "response_format" not in body_for(None, "vllm", chat)
+
+
+def test_openai_dialect_takes_json_on_chat_only():
+    body = body_for(StructuredOutput.json(SCHEMA), "openai", chat=True)
+    assert body["response_format"]["json_schema"] == {"name": "output", "schema": SCHEMA, "strict": False}
+    json_only = SamplingParams(structured=StructuredOutput.json())
+    assert refusals(json_only, "openai", eos_known=True, chat=True) == []
+    [refused] = refusals(json_only, "openai", eos_known=True, chat=False)
+    assert refused.startswith("structured output on /v1/completions")
+    caps = capabilities_for("openai")
+    assert caps.structured and caps.structured_kinds == ("json_object", "json_schema")
+    others = (StructuredOutput.regex("a"), StructuredOutput.choice(["a"]), StructuredOutput.grammar('root ::= "a"'))
+    for structured in others:
+        request = GenerationRequest(messages=CHAT, params=SamplingParams(structured=structured))
+        assert f"does not support {structured.kind} structured output" in caps.refusal(request, "openai")
+        with pytest.raises(ParamError, match=f"cannot send {structured.kind}"):
+            structured_fields(structured, "openai", chat=True)
+
+
+def test_llamacpp_dialect_sends_gbnf_on_completions_and_the_schema_on_chat():
+    llama_grammar = pytest.importorskip("llama_cpp.llama_grammar")
+    completion = body_for(StructuredOutput.json(SCHEMA), "llamacpp")
+    assert completion["grammar"] == llama_grammar.json_schema_to_gbnf(json.dumps(SCHEMA))
+    assert "response_format" not in completion
+    any_object = body_for(StructuredOutput.json(), "llamacpp")["grammar"]
+    assert any_object == llama_grammar.json_schema_to_gbnf('{"type": "object"}')
+    chat = body_for(StructuredOutput.json(SCHEMA), "llamacpp", chat=True)
+    assert chat["response_format"] == {"type": "json_object", "schema": SCHEMA} and "grammar" not in chat
+    assert body_for(StructuredOutput.json(), "llamacpp", chat=True)["response_format"]["schema"] == {"type": "object"}
+    grammar = 'root ::= "yes" | "no"'
+    for chat in (False, True):
+        assert body_for(StructuredOutput.grammar(grammar), "llamacpp", chat)["grammar"] == grammar
+
+
+def test_a_choice_becomes_a_gbnf_alternation_of_escaped_literals():
+    options = ("Paris", 'say "hi"', "back\\slash", "two\nlines\ttab", "bell\x07", "café")
+    grammar = gbnf_choice(options)
+    assert body_for(StructuredOutput.choice(options), "llamacpp")["grammar"] == grammar
+    head, _, alternatives = grammar.partition(" ::= ")
+    assert head == "root" and "\n" not in grammar and "\x07" not in grammar  # no raw control characters
+    # GBNF's escapes (\\ \" \n \t \xHH) read as Python's: each literal reads back as its option
+    assert tuple(ast.literal_eval(literal) for literal in alternatives.split(" | ")) == options
+
+
+def test_llamacpp_dialect_refuses_what_its_servers_cannot_constrain(monkeypatch):
+    caps = capabilities_for("llamacpp")
+    assert caps.structured and "regex" not in caps.structured_kinds and not caps.structured_logprobs
+    regex = GenerationRequest(prompt="hi", params=SamplingParams(structured=StructuredOutput.regex("a+")))
+    assert "does not support regex structured output" in caps.refusal(regex, "openai")
+    scored = GenerationRequest(prompt="hi", params=SamplingParams(logprobs=2, structured=StructuredOutput.json()))
+    assert "logprobs with structured output" in caps.refusal(scored, "openai")
+
+    def refused(structured, chat=False):
+        return refusals(SamplingParams(structured=structured), "llamacpp", eos_known=True, chat=chat)
+
+    assert refused(StructuredOutput.json(SCHEMA, strict=True))[0].startswith("a strict json_schema")
+    assert refused(StructuredOutput.grammar('start: "yes" | "no"'))[0].startswith("a Lark grammar")
+    assert refused(StructuredOutput.grammar('root ::= "yes"')) == [] and refused(StructuredOutput.choice(["a"])) == []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    [missing] = refused(StructuredOutput.json(SCHEMA))
+    assert "without llama-cpp-python installed here" in missing
+    assert refused(StructuredOutput.json(SCHEMA), chat=True) == []  # the server converts it
+
+
+def test_a_schema_llamacpp_cannot_convert_is_refused_before_sending():
+    pytest.importorskip("llama_cpp")
+    backend = OpenAIBackend(url="http://127.0.0.1:1", dialect="llamacpp")
+    backend.capabilities = capabilities_for("llamacpp")
+    unconvertible = StructuredOutput.json({"not": {"type": "string"}})  # valid JSON Schema, no GBNF for it
+    with pytest.raises(ParamError, match="llama.cpp's converter cannot turn this JSON schema"):
+        backend.check_request(GenerationRequest(prompt="hi", params=SamplingParams(structured=unconvertible)))
+    backend.check_request(GenerationRequest(messages=CHAT, params=SamplingParams(structured=unconvertible)))
+
+
+def test_structured_capabilities_per_dialect_and_server():
+    vllm = capabilities_for("vllm", "vllm")
+    assert vllm.structured and vllm.structured_kinds == KINDS and vllm.structured_logprobs
+    # this project's server speaks vLLM's dialect but does not read its structured-output fields yet
+    assert detect_dialect("jupyter-llm") == "vllm" and not capabilities_for("vllm", "jupyter-llm").structured
