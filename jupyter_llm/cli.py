@@ -2,6 +2,8 @@
 
     jupyter-llm generate "The capital of France is" --max-tokens 16 --temperature 0
     jupyter-llm generate --chat "What is the capital of France?" --backend hf
+    jupyter-llm generate "A person as JSON:" --json-schema person.json
+    jupyter-llm generate "Is the sky blue?" --choice yes no
     jupyter-llm backends
     jupyter-llm serve --backend native --model smollm2-135m --port 8000 --max-num-seqs 64
     jupyter-llm build-llamacpp --rebuild
@@ -21,6 +23,7 @@ from jupyter_llm.errors import ParamError, UserError
 from jupyter_llm.llamacpp_build import add_arguments as add_llamacpp_build_arguments
 from jupyter_llm.llamacpp_build import run_from_args as build_llamacpp
 from jupyter_llm.server.settings import SERVE
+from jupyter_llm.structured_options import STRUCTURED, structured_from_args
 
 LOADING = ("generate", "serve", "bench")  # the commands that load a backend, and so take its options
 
@@ -37,6 +40,8 @@ def _generate(args: argparse.Namespace) -> int:
     from jupyter_llm.manager import get_manager
     from jupyter_llm.views import summary_line
 
+    params = params_from_args(args, max_tokens=256, temperature=0.7)  # refuse bad options before loading
+    params = params.replace(structured=structured_from_args(args))
     manager = get_manager()
     options = _options(args)
     if args.backend:
@@ -45,7 +50,6 @@ def _generate(args: argparse.Namespace) -> int:
         manager.load("hf", args.model, **options)
     else:
         manager.load_default(**options)
-    params = params_from_args(args, max_tokens=256, temperature=0.7)
     prompts = args.prompt or [sys.stdin.read()]
     chat = args.chat or bool(args.system)
     stream = manager.stream(prompts if len(prompts) > 1 else prompts[0], params, chat=chat, system=args.system)
@@ -127,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true")
     gen.add_argument("--system")
     SAMPLING.add_to(gen)
+    STRUCTURED.add_to(gen)
     BACKEND_OPTIONS.add_to(gen)
     gen.set_defaults(func=_generate)
     bench = commands.add_parser("bench", help="benchmark backends and OpenAI-compatible servers")

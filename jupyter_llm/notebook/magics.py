@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Configurable
@@ -17,9 +17,11 @@ from traitlets.config import Configurable
 from jupyter_llm.argtable import BACKEND_OPTIONS, SAMPLING, backend_options, params_from_args, split_backend_words
 from jupyter_llm.bench.command import BENCH
 from jupyter_llm.errors import ParamError, UserError
+from jupyter_llm.notebook.display import FORMATS, default_format
 from jupyter_llm.notebook.interpolate import interpolate, whole_variable
 from jupyter_llm.schema import SamplingParams
 from jupyter_llm.server.settings import SERVE
+from jupyter_llm.structured_options import STRUCTURED, structured_from_args
 
 _SEPARATOR = re.compile(r"^---\s*$", re.MULTILINE)
 
@@ -126,25 +128,34 @@ class LLMMagics(Magics, Configurable):
     @magic_arguments()
     @argument("--backend", help="loaded backend name (default: the default backend)")
     @SAMPLING.decorate
+    @STRUCTURED.decorate
+    @argument("-f", "--format", choices=FORMATS,
+              help="render answers as text, Markdown, a code block or JSON (default: json for --json and "
+                   "--json-schema, else text)")
     @argument("--chat", action="store_true", default=None, help="send as chat messages (chat template)")
     @argument("--system", help="system prompt (implies --chat)")
     @argument("-o", "--output", metavar="VAR", help="store the list of Completions in VAR")
     @argument("--no-stream", action="store_true", help="show the answers when complete")
     @argument("--no-interpolate", action="store_true", help="send {braces} as written")
+    @no_var_expand  # the line as written: a --regex's {3} is a quantifier, not a Python expression
     @cell_magic
     def generate(self, line: str, cell: str) -> None:
         """Generate from the cell body. Prompts separated by a line `---` run as one batch;
-        {name} interpolates variables ({{ escapes); --chat with {history} sends a conversation."""
+        {name} interpolates variables ({{ escapes); --chat with {history} sends a conversation.
+        One of --json-schema, --json, --regex, --choice, --grammar constrains the answers."""
         args = _parse(self.generate, line)
         with _user_errors():
             params = params_from_args(args, self.max_tokens, self.temperature)
+            structured = structured_from_args(args, self.shell.user_ns if self.shell is not None else None)
+            params = params.replace(structured=structured)
             chat = bool(args.chat if args.chat is not None else self.chat) or bool(args.system)
             prompts = self._prompts(cell, chat, interpolate_vars=not args.no_interpolate)
             backend = args.backend or self.default_backend or None
             if not self.manager.names():
                 self._load_default()
             self._run_generate(prompts, params, backend, chat, args.system or self.system or None,
-                               stream=self.stream and not args.no_stream, output=args.output)
+                               stream=self.stream and not args.no_stream, output=args.output,
+                               fmt=args.format or default_format(structured))
 
     def _prompts(self, cell: str, chat: bool, interpolate_vars: bool) -> list[Any]:
         namespace = self.shell.user_ns if self.shell is not None else {}
@@ -167,7 +178,7 @@ class LLMMagics(Magics, Configurable):
         print(f"No backend was loaded: loaded {info.model} on {info.backend}.")
 
     def _run_generate(self, prompts: list[Any], params: SamplingParams, backend: str | None, chat: bool,
-                      system: str | None, stream: bool, output: str | None) -> None:
+                      system: str | None, stream: bool, output: str | None, fmt: str = "text") -> None:
         from jupyter_llm.notebook.display import StreamView, show_completions
         from jupyter_llm.views import summary_line
 
@@ -175,7 +186,7 @@ class LLMMagics(Magics, Configurable):
         metadata = {"backend": target.kind, "model": target.model_name, "params": params.to_dict(), "chat": chat}
         events = self.manager.stream(prompts if len(prompts) > 1 else prompts[0], params, backend, chat, system)
         keys = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
-        view = StreamView(keys, metadata, labels=len(keys) > 1) if stream else None
+        view = StreamView(keys, metadata, labels=len(keys) > 1, fmt=fmt) if stream else None
         interrupted = False
         try:
             for event in events:
@@ -189,7 +200,7 @@ class LLMMagics(Magics, Configurable):
         if view is not None:
             view.finish(completions)
         else:
-            show_completions(completions, metadata)
+            show_completions(completions, metadata, fmt)
         if output:
             self.shell.user_ns[output] = completions
         errors = sorted({c.error for c in completions if c.error})

@@ -1,11 +1,13 @@
 /**
- * %%generate cells are edited as Markdown: a CodeMirror 6 extension with a Compartment
- * reconfigured from the first line (as jupysql-plugin does for %%sql), and a line
- * decoration that keeps the magic line visibly a magic.
+ * %%generate cells are edited as Markdown (prompt Markdown: prose.ts): a CodeMirror 6 extension
+ * with a Compartment reconfigured from the first line (as jupysql-plugin does for %%sql), and a
+ * line decoration that keeps the magic line visibly a magic.
  */
+import { LanguageSupport } from '@codemirror/language';
 import { Compartment, EditorState, Extension, Prec, Text } from '@codemirror/state';
 import { Decoration, DecorationSet, EditorView, ViewPlugin, ViewUpdate } from '@codemirror/view';
 import { isProseMagic } from './detect';
+import { promptMarkdown } from './prose';
 
 const prose = new Compartment();
 let proseLanguage: Extension | null = null; // Markdown, once JupyterLab's language registry loaded it
@@ -70,9 +72,9 @@ export function proseMagicExtension(): Extension {
 }
 
 /** Give the Markdown language support (from JupyterLab's language registry); re-checks open editors. */
-export function setProseLanguage(support: Extension): void {
+export function setProseLanguage(support: LanguageSupport): void {
   // Highest precedence: the language facet takes the first value, ahead of the cell's Python.
-  proseLanguage = Prec.highest(support);
+  proseLanguage = Prec.highest(promptMarkdown(support));
   for (const view of views) {
     sync(view);
   }

@@ -112,3 +112,61 @@ def test_a_command_s_own_flags_and_prompts_stay_its_own():
     assert serve.api_key == ["k"] and serve.backend_words == []
     with pytest.raises(ParamError, match="--backend-option expects KEY=VALUE, got 'threads'"):
         backend_options([], ["threads"])
+
+
+PICK = {"type": "object", "additionalProperties": False, "required": ["answer"],
+        "properties": {"answer": {"enum": ["yes", "no"]}}}
+
+
+def test_generate_with_a_json_schema_file_prints_valid_json(tiny_llama, tmp_path):
+    import json
+
+    import jsonschema
+
+    (tmp_path / "pick.json").write_text(json.dumps(PICK))
+    result = subprocess.run(CLI + ["generate", "--backend", "hf", "--model", str(tiny_llama), "Answer:", "-n", "2",
+                                   "--json-schema", str(tmp_path / "pick.json"), "--max-tokens", "40",
+                                   "--temperature", "1", "--seed", "4"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    answers = [block.split("\n", 1)[1].strip() for block in result.stdout.split("--- prompt")[1:]]
+    assert len(answers) == 2 and "finish: stop" in result.stderr
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), PICK)
+
+
+def test_generate_with_choices_prints_one_of_them(tiny_llama):
+    result = subprocess.run(CLI + ["generate", "--backend", "hf", "--model", str(tiny_llama), "Pick:",
+                                   "--choice", "red", "green", "dark blue", "--temperature", "1", "--seed", "2"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in {"red", "green", "dark blue"}
+
+
+def test_regex_and_grammar_options_become_the_constraint(tmp_path):
+    from jupyter_llm.structured_options import structured_from_args
+
+    assert structured_from_args(parse(["generate", "x", "--regex", "[0-9]{3}"])).to_dict() == {"regex": "[0-9]{3}"}
+    (tmp_path / "g.gbnf").write_text('root ::= "a" | "b"')
+    grammar = structured_from_args(parse(["generate", "x", "--grammar", str(tmp_path / "g.gbnf")]))
+    assert grammar.to_dict() == {"grammar": 'root ::= "a" | "b"'}
+    assert structured_from_args(parse(["generate", "x", "--json"])).to_dict() == {"json_object": True}
+    assert structured_from_args(parse(["generate", "x"])) is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "x", "--json-schema", "missing.json"], "--json-schema: no file 'missing.json'"),
+    (["generate", "x", "--json", "--choice", "a", "b"], "give at most one of --json-schema, --json, --regex"),
+    (["generate", "x", "--choice", "a", "--json"], "--choice, --grammar; got --json and --choice"),
+    (["generate", "x", "--regex", "(unclosed"], "--regex: regex does not compile"),
+    (["generate", "x", "--json-schema", '{"type": "objectx"}'], "--json-schema: the JSON schema is invalid at type"),
+])
+def test_a_bad_constraint_is_refused_before_loading(monkeypatch, capsys, argv, message):
+    import jupyter_llm.manager
+
+    recorder = Recorder()
+    monkeypatch.setattr(jupyter_llm.manager, "get_manager", lambda: recorder)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert recorder.loads == [] and err.startswith("jupyter-llm: error: ")
+    assert message in err and err.count("\n") == 1, err

@@ -89,7 +89,7 @@ def test_interpolation_sends_braces_right(shell, tiny_hf, monkeypatch):
     sent = {}
     from jupyter_llm.notebook import magics
 
-    def capture(self, prompts, params, backend, chat, system, stream, output):
+    def capture(self, prompts, params, backend, chat, system, stream, output, fmt):
         sent.update(prompts=prompts, chat=chat, system=system, params=params)
 
     monkeypatch.setattr(magics.LLMMagics, "_run_generate", capture)
@@ -113,7 +113,7 @@ def test_config_defaults(shell, tiny_hf, monkeypatch):
 
     sent = {}
     monkeypatch.setattr(magics.LLMMagics, "_run_generate",
-                        lambda self, prompts, params, backend, chat, system, stream, output:
+                        lambda self, prompts, params, backend, chat, system, stream, output, fmt:
                         sent.update(params=params, stream=stream, chat=chat, backend=backend))
     shell.run_cell("%config LLMMagics.max_tokens = 33")
     shell.run_cell("%config LLMMagics.temperature = 0.0")
