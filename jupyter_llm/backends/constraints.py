@@ -42,9 +42,6 @@ class Constraint:
         leaves the matcher in error, and `failed` says so."""
         self.matcher.consume_token(token_id)
 
-    def rollback(self, num_tokens: int) -> None:
-        self.matcher.rollback(num_tokens)
-
     @property
     def done(self) -> bool:
         """The grammar is complete and nothing but the end may follow."""
